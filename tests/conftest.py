@@ -1,0 +1,45 @@
+"""Shared test fixtures: where the shared media and parity fixtures are, and ffprobe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MEDIA = SHARED / "media"
+PARITY_ROOT = SHARED / "parity"
+FIXTURE_MODELS = PARITY_ROOT / "v15-yongen" / "models"
+
+# Two cores are shared by everything in CI; one torch thread per test process keeps
+# timings steady and avoids oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def ffprobe(path: Path) -> dict:
+    """ffprobe's JSON (streams + format) for a file, with frames counted."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-print_format", "json",
+         "-show_format", "-show_streams", str(path)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(out)
+
+
+@pytest.fixture(scope="session")
+def media_dir() -> Path:
+    if not MEDIA.is_dir():
+        pytest.skip(f"shared media not found at {MEDIA}")
+    return MEDIA
+
+
+@pytest.fixture(scope="session")
+def fixture_models() -> Path:
+    """The parity fixture's small random-weight models (standard layout)."""
+    if not FIXTURE_MODELS.is_dir():
+        pytest.skip(f"parity fixture models not found at {FIXTURE_MODELS}")
+    return FIXTURE_MODELS
