@@ -9,7 +9,10 @@ as ``None`` and filled in by :meth:`EngineOptions.resolved`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional, Sequence, Tuple
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal, Mapping, Optional, Sequence, Tuple
 
 from .errors import ErrorCode, LipSyncError
 
@@ -111,3 +114,154 @@ def _invalid(name: str, value: object, allowed: str) -> None:
     raise LipSyncError(
         ErrorCode.INVALID_INPUT, f"'{name}' is {value!r}; it must be {allowed}.", stage="validate"
     )
+
+
+# --------------------------------------------------------------------------- #
+# Worker settings: what the deployment (not the job) decides, from environment
+# variables. Each field's variable and default is listed in ``WorkerSettings``.
+# --------------------------------------------------------------------------- #
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_MIB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSettings:
+    """Limits, paths and storage of the serverless worker (see ``from_env``).
+
+    Attributes (environment variable, default):
+        models_dir: ``MUSETALK_MODELS_DIR``, ``<project>/models``.
+        device: ``MUSETALK_DEVICE``, ``auto`` (``cuda``, ``cpu`` or ``auto``);
+            anything but ``cpu`` means a GPU is expected.
+        landmarks: ``MUSETALK_LANDMARKS``, ``auto`` (``dwpose``, ``dlib``).
+        max_audio_s: ``MUSETALK_MAX_AUDIO_SECONDS``, 300.
+        max_source_s: ``MUSETALK_MAX_SOURCE_SECONDS``, 300 (videos).
+        max_source_width / max_source_height: ``MUSETALK_MAX_SOURCE_WIDTH`` /
+            ``MUSETALK_MAX_SOURCE_HEIGHT``, 3840 each (4K in either orientation).
+        max_download_bytes: ``MUSETALK_MAX_DOWNLOAD_BYTES``, 1 GiB per input.
+        max_inline_input_bytes: ``MUSETALK_MAX_INLINE_INPUT_BYTES``, 3 MiB decoded
+            per ``data:`` input (two such inputs in base64 stay under RunPod's
+            10 MB ``/run`` body).
+        max_inline_result_bytes: ``MUSETALK_MAX_INLINE_RESULT_BYTES``, 7,000,000:
+            the largest video returned as base64 when no bucket is configured
+            (9.3 MB once encoded, under the 10 MB result limit).
+        download_timeout_s: ``MUSETALK_DOWNLOAD_TIMEOUT_SECONDS``, 60 (per read).
+        download_attempts: ``MUSETALK_DOWNLOAD_ATTEMPTS``, 3.
+        allow_private_urls: ``MUSETALK_ALLOW_PRIVATE_URLS``, false: fetch URLs
+            and job-given S3 endpoints on private, loopback and link-local
+            addresses (self-hosted storage, tests).
+        local_input_dir: ``MUSETALK_LOCAL_INPUT_DIR``, unset: when set, jobs may
+            name files inside this folder instead of URLs (local runs).
+        output_dir: ``MUSETALK_OUTPUT_DIR``; defaults to ``<project>/outputs`` on
+            local runs (no ``RUNPOD_WEBHOOK_GET_JOB``), unset on RunPod: where a
+            result goes when no bucket is configured.
+        temp_dir: ``MUSETALK_TEMP_DIR``, the system temp folder: each job's
+            scratch folder is made (and removed) inside it.
+        bucket_endpoint_url, bucket_access_key_id, bucket_secret_access_key:
+            ``BUCKET_ENDPOINT_URL``, ``BUCKET_ACCESS_KEY_ID``,
+            ``BUCKET_SECRET_ACCESS_KEY`` (RunPod's convention), unset.
+        bucket_name: ``BUCKET_NAME``, unset; bucket_region: ``BUCKET_REGION``.
+        output_prefix: ``MUSETALK_OUTPUT_PREFIX``, ``musetalk/``.
+        presign_expiry_s: ``MUSETALK_PRESIGN_SECONDS``, 604800 (7 days, S3's maximum).
+    """
+
+    models_dir: Path = _PROJECT_ROOT / "models"
+    device: str = "auto"
+    landmarks: str = "auto"
+    max_audio_s: float = 300.0
+    max_source_s: float = 300.0
+    max_source_width: int = 3840
+    max_source_height: int = 3840
+    max_download_bytes: int = 1024 * _MIB
+    max_inline_input_bytes: int = 3 * _MIB
+    max_inline_result_bytes: int = 7_000_000
+    download_timeout_s: float = 60.0
+    download_attempts: int = 3
+    allow_private_urls: bool = False
+    local_input_dir: Optional[Path] = None
+    output_dir: Optional[Path] = None
+    temp_dir: Path = Path(tempfile.gettempdir())
+    bucket_endpoint_url: Optional[str] = None
+    # Secrets stay out of repr() so a logged settings object leaks nothing.
+    bucket_access_key_id: Optional[str] = dataclasses.field(default=None, repr=False)
+    bucket_secret_access_key: Optional[str] = dataclasses.field(default=None, repr=False)
+    bucket_name: Optional[str] = None
+    bucket_region: Optional[str] = None
+    output_prefix: str = "musetalk/"
+    presign_expiry_s: int = 7 * 24 * 3600
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "WorkerSettings":
+        """Reads the settings from ``environ`` (default ``os.environ``).
+
+        Raises:
+            ValueError: a variable is set to something that is not valid for it,
+                naming the variable.
+        """
+        env = _Env(os.environ if environ is None else environ)
+        local_run = env.text("RUNPOD_WEBHOOK_GET_JOB") is None
+        return cls(
+            models_dir=env.path("MUSETALK_MODELS_DIR") or cls.models_dir,
+            device=env.choice("MUSETALK_DEVICE", ("auto", "cuda", "cpu"), cls.device),
+            landmarks=env.choice("MUSETALK_LANDMARKS", ("auto", "dwpose", "dlib"), cls.landmarks),
+            max_audio_s=env.number("MUSETALK_MAX_AUDIO_SECONDS", cls.max_audio_s),
+            max_source_s=env.number("MUSETALK_MAX_SOURCE_SECONDS", cls.max_source_s),
+            max_source_width=int(env.number("MUSETALK_MAX_SOURCE_WIDTH", cls.max_source_width)),
+            max_source_height=int(env.number("MUSETALK_MAX_SOURCE_HEIGHT", cls.max_source_height)),
+            max_download_bytes=int(env.number("MUSETALK_MAX_DOWNLOAD_BYTES", cls.max_download_bytes)),
+            max_inline_input_bytes=int(env.number("MUSETALK_MAX_INLINE_INPUT_BYTES", cls.max_inline_input_bytes)),
+            max_inline_result_bytes=int(env.number("MUSETALK_MAX_INLINE_RESULT_BYTES", cls.max_inline_result_bytes)),
+            download_timeout_s=env.number("MUSETALK_DOWNLOAD_TIMEOUT_SECONDS", cls.download_timeout_s),
+            download_attempts=int(env.number("MUSETALK_DOWNLOAD_ATTEMPTS", cls.download_attempts)),
+            allow_private_urls=env.flag("MUSETALK_ALLOW_PRIVATE_URLS"),
+            local_input_dir=env.path("MUSETALK_LOCAL_INPUT_DIR"),
+            output_dir=env.path("MUSETALK_OUTPUT_DIR") or (_PROJECT_ROOT / "outputs" if local_run else None),
+            temp_dir=env.path("MUSETALK_TEMP_DIR") or cls.temp_dir,
+            bucket_endpoint_url=env.text("BUCKET_ENDPOINT_URL"),
+            bucket_access_key_id=env.text("BUCKET_ACCESS_KEY_ID"),
+            bucket_secret_access_key=env.text("BUCKET_SECRET_ACCESS_KEY"),
+            bucket_name=env.text("BUCKET_NAME"),
+            bucket_region=env.text("BUCKET_REGION"),
+            output_prefix=env.text("MUSETALK_OUTPUT_PREFIX") or cls.output_prefix,
+            presign_expiry_s=int(env.number("MUSETALK_PRESIGN_SECONDS", cls.presign_expiry_s, high=7 * 24 * 3600)),
+        )
+
+
+class _Env:
+    """Typed reads of environment variables; a bad value names its variable."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self._environ = environ
+
+    def text(self, name: str) -> Optional[str]:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def path(self, name: str) -> Optional[Path]:
+        value = self.text(name)
+        return Path(value).expanduser().resolve() if value else None
+
+    def flag(self, name: str) -> bool:
+        value = (self.text(name) or "false").lower()
+        if value not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(f"{name}={value!r}: use true or false")
+        return value in ("1", "true", "yes")
+
+    def choice(self, name: str, allowed: Sequence[str], default: str) -> str:
+        value = (self.text(name) or default).lower()
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r}: use one of {', '.join(allowed)}")
+        return value
+
+    def number(self, name: str, default: float, high: Optional[float] = None) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if value <= 0 or (high is not None and value > high):
+            bound = f" up to {high:g}" if high is not None else ""
+            raise ValueError(f"{name}={raw!r}: use a positive number{bound}")
+        return value
