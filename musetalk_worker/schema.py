@@ -1,0 +1,193 @@
+"""The job input of the serverless worker, validated before any work is done.
+
+``parse_job`` turns RunPod's ``job["input"]`` into a ``JobInput`` or raises one
+``invalid_input`` error listing every problem: each names the field and what is
+allowed, and an unknown key comes with the list of allowed keys. The engine
+options are the fields of :class:`~musetalk_worker.options.EngineOptions`, with
+its defaults and the ranges of ``LIMITS``. Types are strict: ``"8"`` is not a
+number and ``true`` is not ``1`` (RunPod's own validator lets bools pass as ints).
+Credential values never appear in a message.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from .errors import ErrorCode, LipSyncError
+from .options import LIMITS, PARSING_MODES, VERSIONS, EngineOptions, ParsingMode, Version
+
+_DEFAULTS = EngineOptions()
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer
+
+# Fields that are not engine options; everything else in JobInput is one.
+NON_ENGINE_FIELDS = ("source", "audio", "output")
+
+_MEDIA_FORMS = "an https:// or http:// URL, an s3://bucket/key object or a data: URI with base64 content"
+_STRICT = ConfigDict(extra="forbid", strict=True, hide_input_in_errors=True)
+
+
+def _ranged(name: str) -> Any:
+    """A field with EngineOptions' default and LIMITS' inclusive range."""
+    low, high = LIMITS[name]
+    return Field(default=getattr(_DEFAULTS, name), ge=low, le=high)
+
+
+class S3Credentials(BaseModel):
+    """Per-job S3 credentials; they are used for this job only and never echoed."""
+
+    model_config = _STRICT
+
+    access_key_id: SecretStr
+    secret_access_key: SecretStr
+    session_token: Optional[SecretStr] = None
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+
+
+class OutputSpec(BaseModel):
+    """Where the result goes; unset fields fall back to the worker's settings."""
+
+    model_config = _STRICT
+
+    bucket: Optional[str] = Field(default=None, min_length=3, max_length=63)
+    key: Optional[str] = Field(default=None, min_length=1, max_length=1024)
+    prefix: Optional[str] = Field(default=None, max_length=900)
+    expires_in: Optional[int] = Field(default=None, ge=1, le=MAX_PRESIGN_SECONDS)
+    credentials: Optional[S3Credentials] = None
+
+    @model_validator(mode="after")
+    def _key_or_prefix(self) -> "OutputSpec":
+        if self.key is not None and self.prefix is not None:
+            raise ValueError("key_and_prefix")
+        return self
+
+
+class JobInput(BaseModel):
+    """One lip-sync job: the two media inputs, the engine options and the output."""
+
+    model_config = _STRICT
+
+    source: str = Field(min_length=1)
+    audio: str = Field(min_length=1)
+    version: Version = _DEFAULTS.version
+    bbox_shift: int = _ranged("bbox_shift")
+    extra_margin: Optional[int] = _ranged("extra_margin")
+    parsing_mode: Optional[ParsingMode] = _DEFAULTS.parsing_mode
+    left_cheek_width: int = _ranged("left_cheek_width")
+    right_cheek_width: int = _ranged("right_cheek_width")
+    batch_size: int = _ranged("batch_size")
+    fps: float = _ranged("fps")
+    fp16: bool = _DEFAULTS.fp16
+    crf: int = _ranged("crf")
+    boxes: Optional[list[Annotated[list[int], Field(min_length=4, max_length=4)]]] = Field(
+        default=None, min_length=1
+    )
+    output: Optional[OutputSpec] = None
+
+    def engine_options(self) -> EngineOptions:
+        """The engine's options object (which checks the box geometry itself)."""
+        return EngineOptions(**{name: getattr(self, name) for name in engine_field_names()})
+
+
+def engine_field_names() -> tuple[str, ...]:
+    """Names of the JobInput fields that are engine options."""
+    return tuple(name for name in JobInput.model_fields if name not in NON_ENGINE_FIELDS)
+
+
+def parse_job(raw: Any) -> JobInput:
+    """Validates RunPod's ``job["input"]``.
+
+    Raises:
+        LipSyncError(invalid_input): every problem found, one sentence each.
+    """
+    if not isinstance(raw, dict):
+        raise _invalid([f"the job input must be a JSON object with the keys {_keys(JobInput)}"])
+    try:
+        job = JobInput.model_validate(raw)
+    except ValidationError as err:
+        raise _invalid(_messages(err, raw)) from None
+    return job
+
+
+# --------------------------------------------------------------------------- #
+# Turning pydantic's errors into sentences that name the field and what is allowed.
+# --------------------------------------------------------------------------- #
+
+def _whole(name: str) -> str:
+    low, high = LIMITS[name]
+    return f"a whole number from {low} to {high}"
+
+
+_ALLOWED = {
+    "source": f"a face video or still image given as {_MEDIA_FORMS}",
+    "audio": f"speech audio (or a video with sound) given as {_MEDIA_FORMS}",
+    "version": f"one of {', '.join(VERSIONS)}",
+    "parsing_mode": f"one of {', '.join(PARSING_MODES)}, or null for the version's default",
+    "fps": "a number from {} to {}".format(*LIMITS["fps"]),
+    "fp16": "true or false",
+    "boxes": "a list of face boxes [x1, y1, x2, y2] in whole pixels, one per source frame or a single one",
+    "output": "an object with bucket, key or prefix, expires_in and credentials",
+    "output.bucket": "an S3 bucket name (3 to 63 characters)",
+    "output.key": "an object key (1 to 1024 characters)",
+    "output.prefix": "a key prefix (up to 900 characters)",
+    "output.expires_in": f"a whole number of seconds from 1 to {MAX_PRESIGN_SECONDS} (7 days)",
+    "output.credentials": "an object with access_key_id, secret_access_key and optionally "
+    "session_token, endpoint_url, region",
+    **{name: _whole(name) for name, (low, _) in LIMITS.items() if isinstance(low, int)},
+}
+_SECRET_PARENT = "output.credentials"
+
+
+def _messages(err: ValidationError, raw: dict) -> list[str]:
+    messages: list[str] = []
+    unknown: dict[str, list[str]] = {}
+    for item in err.errors(include_input=False):
+        path = ".".join(str(part) for part in item["loc"] if isinstance(part, str))
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            parent, _, key = path.rpartition(".")
+            unknown.setdefault(parent, []).append(key)
+        elif kind == "missing":
+            messages.append(f"'{path}' is required: {_allowed_for(path)}.")
+        elif kind == "value_error" and "key_and_prefix" in str(item.get("ctx", {}).get("error", "")):
+            messages.append("'output' has both 'key' and 'prefix': give one (an exact key, or a prefix for a generated key).")
+        else:
+            messages.append(f"'{path}' is {_shown(path, raw)}; it must be {_allowed_for(path)}.")
+    for parent, keys in unknown.items():
+        model = _model_at(parent)
+        where = f" in '{parent}'" if parent else ""
+        names = ", ".join(f"'{k}'" for k in keys)
+        messages.insert(0, f"unknown key{'s' if len(keys) > 1 else ''} {names}{where}; allowed keys: {_keys(model)}.")
+    return messages
+
+
+def _allowed_for(path: str) -> str:
+    top = path.split(".")[0]
+    if path.startswith(_SECRET_PARENT + "."):
+        return "a string"
+    return _ALLOWED.get(path) or _ALLOWED.get(top, "a valid value")
+
+
+def _shown(path: str, raw: dict) -> str:
+    """The bad value for a message: secrets hidden, long values cut short."""
+    if path.startswith(_SECRET_PARENT + "."):
+        return "not a string (value hidden)"
+    value: Any = raw
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _model_at(path: str) -> type[BaseModel]:
+    return {"": JobInput, "output": OutputSpec, "output.credentials": S3Credentials}.get(path, JobInput)
+
+
+def _keys(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def _invalid(messages: list[str]) -> LipSyncError:
+    return LipSyncError(ErrorCode.INVALID_INPUT, "Invalid job input: " + " ".join(messages), stage="validate")

@@ -1,0 +1,123 @@
+"""The job schema: same fields and defaults as EngineOptions, strict types, clear messages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from musetalk_worker.errors import ErrorCode, LipSyncError
+from musetalk_worker.options import LIMITS, EngineOptions
+from musetalk_worker.schema import JobInput, engine_field_names, parse_job
+
+GOOD = {"source": "https://example.com/face.mp4", "audio": "https://example.com/speech.wav"}
+
+
+def _error(raw) -> str:
+    with pytest.raises(LipSyncError) as info:
+        parse_job(raw).engine_options()
+    assert info.value.code is ErrorCode.INVALID_INPUT
+    assert info.value.stage == "validate"
+    return info.value.message
+
+
+def test_engine_fields_match_engine_options():
+    # Nothing is deliberately left out: every engine option (boxes included) is a job field.
+    assert set(engine_field_names()) == {f.name for f in dataclasses.fields(EngineOptions)}
+
+
+def test_defaults_are_the_engine_defaults():
+    job = parse_job(dict(GOOD))
+    assert job.engine_options() == EngineOptions()
+    assert job.output is None
+
+
+def test_ranges_come_from_limits():
+    for name, (low, high) in LIMITS.items():
+        constraints = {type(m).__name__: m for m in JobInput.model_fields[name].metadata}
+        assert constraints["Ge"].ge == low and constraints["Le"].le == high, name
+
+
+def test_full_job_is_accepted():
+    raw = dict(GOOD, version="v1", bbox_shift=-7, extra_margin=0, parsing_mode="neck", left_cheek_width=80,
+               right_cheek_width=70, batch_size=4, fps=30, fp16=True, crf=23, boxes=[[1, 2, 30, 40]],
+               output={"bucket": "results", "prefix": "clips/", "expires_in": 3600,
+                       "credentials": {"access_key_id": "AK", "secret_access_key": "SK", "region": "eu-west-1"}})
+    job = parse_job(raw)
+    options = job.engine_options()
+    assert (options.version, options.bbox_shift, options.fps, options.boxes) == ("v1", -7, 30.0, ((1, 2, 30, 40),))
+    assert job.output.credentials.secret_access_key.get_secret_value() == "SK"
+
+
+def test_unknown_key_lists_allowed_keys():
+    message = _error(dict(GOOD, face="x.mp4"))
+    assert "unknown key 'face'" in message
+    assert "allowed keys: source, audio, version, bbox_shift" in message and "output" in message
+
+
+def test_unknown_nested_key_names_its_parent():
+    message = _error(dict(GOOD, output={"bucket": "abc", "acl": "public-read"}))
+    assert "unknown key 'acl' in 'output'; allowed keys: bucket, key, prefix, expires_in, credentials" in message
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("batch_size", "8", "'batch_size' is '8'; it must be a whole number from 1 to 256"),
+        ("batch_size", True, "'batch_size' is True; it must be a whole number from 1 to 256"),
+        ("batch_size", 0, "'batch_size' is 0; it must be a whole number from 1 to 256"),
+        ("crf", 52, "'crf' is 52; it must be a whole number from 0 to 51"),
+        ("bbox_shift", 2.5, "'bbox_shift' is 2.5; it must be a whole number from -100 to 100"),
+        ("fps", 0.5, "'fps' is 0.5; it must be a number from 1.0 to 120.0"),
+        ("fp16", "yes", "'fp16' is 'yes'; it must be true or false"),
+        ("version", "v2", "'version' is 'v2'; it must be one of v15, v1"),
+        ("parsing_mode", "chin", "'parsing_mode' is 'chin'; it must be one of jaw, raw, neck"),
+        ("boxes", [[1, 2, 3]], "'boxes' is [[1, 2, 3]]; it must be a list of face boxes"),
+        ("boxes", [[5, 5, 1, 1]], "'boxes' is [5, 5, 1, 1]; it must be 0 <= x1 < x2 and 0 <= y1 < y2"),
+        ("source", 42, "'source' is 42; it must be a face video or still image given as an https://"),
+    ],
+)
+def test_bad_values_name_field_and_range(field, value, expected):
+    assert expected in _error(dict(GOOD, **{field: value}))
+
+
+def test_missing_inputs_say_what_to_send():
+    message = _error({"audio": GOOD["audio"]})
+    assert "'source' is required: a face video or still image given as an https:// or http:// URL, " \
+           "an s3://bucket/key object or a data: URI" in message
+
+
+def test_every_problem_is_reported_at_once():
+    message = _error({"source": "a", "audio": "b", "crf": -1, "fps": "fast", "colour": 1})
+    for part in ("unknown key 'colour'", "'crf' is -1", "'fps' is 'fast'"):
+        assert part in message
+
+
+def test_key_and_prefix_are_exclusive():
+    assert "has both 'key' and 'prefix'" in _error(dict(GOOD, output={"key": "a.mp4", "prefix": "b/"}))
+
+
+def test_presign_lifetime_is_bounded():
+    assert "'output.expires_in' is 604801; it must be a whole number of seconds from 1 to 604800" in _error(
+        dict(GOOD, output={"expires_in": 604801})
+    )
+
+
+def test_credentials_are_never_echoed():
+    secret = "wJalrXUtnFEMI-not-a-real-key"
+    raw = dict(GOOD, output={"credentials": {"access_key_id": 12345, "secret_access_key": secret, "bogus": secret}})
+    message = _error(raw)
+    assert "'output.credentials.access_key_id' is not a string (value hidden)" in message
+    assert "unknown key 'bogus' in 'output.credentials'" in message
+    assert secret not in message and "12345" not in message
+    job = parse_job(dict(GOOD, output={"credentials": {"access_key_id": "AKIA-X", "secret_access_key": secret}}))
+    assert secret not in repr(job) and secret not in str(job.model_dump())
+
+
+def test_input_must_be_an_object():
+    assert "must be a JSON object with the keys source, audio" in _error(["source", "audio"])
+
+
+def test_long_values_are_cut_short_in_messages():
+    message = _error(dict(GOOD, parsing_mode="x" * 5000))
+    assert len(message) < 400
