@@ -1,0 +1,50 @@
+"""Generation: audio prompts + reference latents -> new face images, in batches.
+
+MuseTalk is a single UNet step at timestep 0 (not a diffusion loop), followed
+by the VAE decoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+
+def positional_encoding(length: int, dim: int) -> torch.Tensor:
+    """Sinusoidal positional encoding [length, dim] added to the audio prompts."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    frequencies = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequencies)
+    table[:, 1::2] = torch.cos(position * frequencies)
+    return table
+
+
+class FaceGenerator:
+    """Runs the UNet and the VAE decoder; both must be on the same device and dtype."""
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL):
+        self.unet = unet
+        self.vae = vae
+        param = next(unet.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self._timestep = torch.zeros(1, device=self.device, dtype=torch.long)
+
+    @torch.inference_mode()
+    def predict_latents(self, latents: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """UNet output [B, 4, 32, 32] for reference latents [B, 8, 32, 32] and prompts [B, 50, 384]."""
+        prompts = prompts.to(self.device, torch.float32)
+        prompts = prompts + positional_encoding(prompts.shape[1], prompts.shape[2]).to(self.device)
+        return self.unet(
+            latents.to(self.device, self.dtype), self._timestep, encoder_hidden_states=prompts.to(self.dtype)
+        ).sample
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Face images [B, 256, 256, 3] (BGR uint8) from predicted latents."""
+        images = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
+        images = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).flip(-1).cpu().numpy()
