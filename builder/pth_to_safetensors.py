@@ -1,0 +1,198 @@
+"""Convert a PyTorch state-dict checkpoint (``torch.save`` zip format) to safetensors, without torch.
+
+Why not ``torch.load`` + ``safetensors.torch.save_file``: the image's weights
+stage would need a 1-3 GB torch install for one conversion, and ``torch.load``
+runs a pickle. Here the pickle is read by an unpickler that allows only what a
+state dict is made of (an ordered dict of tensors) and builds no tensor at all:
+each tensor is a reference to a byte range of a storage file in the zip, which
+is copied straight into the safetensors file. Memory stays at one tensor's
+bytes; the output is the same bytes for the same input, so its hash is stable.
+
+Keys, dtypes and shapes are kept exactly; the state dict's ``_metadata`` (module
+versions) is dropped, as ``safetensors.torch.save_file`` does.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any, BinaryIO, Dict, Mapping, Tuple
+
+# torch storage class name -> (safetensors dtype, bytes per element)
+_STORAGE_DTYPES: Dict[str, Tuple[str, int]] = {
+    "DoubleStorage": ("F64", 8),
+    "FloatStorage": ("F32", 4),
+    "HalfStorage": ("F16", 2),
+    "BFloat16Storage": ("BF16", 2),
+    "LongStorage": ("I64", 8),
+    "IntStorage": ("I32", 4),
+    "ShortStorage": ("I16", 2),
+    "CharStorage": ("I8", 1),
+    "ByteStorage": ("U8", 1),
+    "BoolStorage": ("BOOL", 1),
+}
+_COPY_CHUNK = 16 << 20
+
+
+class ConversionError(ValueError):
+    """The checkpoint is not a plain state dict this converter can read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionResult:
+    """What was written: the file, its size, its SHA-256 and how many tensors it holds."""
+
+    path: Path
+    size: int
+    sha256: str
+    tensors: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    dtype: str
+    itemsize: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorRef:
+    storage: _StorageRef
+    offset: int
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.storage.itemsize
+
+
+def _rebuild_tensor(storage: Any, storage_offset: int, size: Tuple[int, ...], stride: Tuple[int, ...], *_: Any) -> _TensorRef:
+    if not isinstance(storage, _StorageRef):
+        raise ConversionError("a tensor refers to something that is not a storage")
+    if not _is_contiguous(size, stride):
+        raise ConversionError(f"a tensor of shape {tuple(size)} is not contiguous (stride {tuple(stride)})")
+    return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(stride))
+
+
+def _is_contiguous(shape: Tuple[int, ...], stride: Tuple[int, ...]) -> bool:
+    expected = 1
+    for dim, step in zip(reversed(shape), reversed(stride)):
+        # Size-1 dimensions may carry any stride (torch treats them as contiguous).
+        if dim != 1 and step != expected:
+            return False
+        expected *= dim
+    return True
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Unpickles a state dict into tensor references; refuses any other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        raise ConversionError(
+            f"the checkpoint needs {module}.{name}, which a plain state dict of tensors does not; "
+            "it cannot be converted here (load it with torch instead, or build without --convert-unet)"
+        )
+
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise ConversionError(f"unexpected storage reference {pid!r} in the checkpoint")
+        dtype, itemsize = _STORAGE_DTYPES[pid[1].name]
+        return _StorageRef(str(pid[2]), dtype, itemsize)
+
+
+def read_state_dict(archive: zipfile.ZipFile) -> Tuple[str, Dict[str, _TensorRef]]:
+    """The archive's folder prefix and its tensors by key, read without building tensors."""
+    pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise ConversionError("not a torch.save zip archive (expected one <name>/data.pkl)")
+    prefix = pickles[0][: -len("data.pkl")]
+    if f"{prefix}byteorder" in archive.namelist():
+        order = archive.read(f"{prefix}byteorder").decode().strip()
+        if order != "little":
+            raise ConversionError(f"the checkpoint is {order}-endian; safetensors is little-endian")
+    with archive.open(pickles[0]) as f:
+        obj = _StateDictUnpickler(f).load()
+    if not isinstance(obj, Mapping) or not obj:
+        raise ConversionError("the checkpoint is not a non-empty dict of tensors")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, _TensorRef):
+            raise ConversionError(
+                f"entry {key!r} of the checkpoint is not a tensor; only a flat state dict can be converted"
+            )
+    return prefix, dict(obj)
+
+
+def convert(src: Path, dst: Path, metadata: Mapping[str, str]) -> ConversionResult:
+    """Write ``src`` (a torch.save'd state dict) to ``dst`` as safetensors.
+
+    The file is written under a temporary name and renamed when complete.
+    ``metadata`` goes to the header's ``__metadata__`` (with ``format: pt``).
+
+    Raises:
+        ConversionError: the checkpoint is not a plain state dict of contiguous tensors.
+    """
+    tmp = dst.with_name(dst.name + ".tmp")
+    try:
+        with zipfile.ZipFile(src) as archive:
+            prefix, tensors = read_state_dict(archive)
+            names = sorted(tensors)
+            header: Dict[str, Any] = {"__metadata__": {"format": "pt", **metadata}}
+            start = 0
+            for name in names:
+                ref = tensors[name]
+                header[name] = {"dtype": ref.storage.dtype, "shape": list(ref.shape), "data_offsets": [start, start + ref.nbytes]}
+                start += ref.nbytes
+            encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+            encoded += b" " * (-len(encoded) % 8)  # keeps the tensor data 8-byte aligned
+            digest = hashlib.sha256()
+            with open(tmp, "wb") as out:
+                _write(out, digest, struct.pack("<Q", len(encoded)) + encoded)
+                for name in names:
+                    _copy_tensor(archive, prefix, tensors[name], out, digest)
+        size = tmp.stat().st_size
+        os.replace(tmp, dst)
+        return ConversionResult(dst, size, digest.hexdigest(), len(names))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write(out: BinaryIO, digest: "hashlib._Hash", data: bytes) -> None:
+    out.write(data)
+    digest.update(data)
+
+
+def _copy_tensor(archive: zipfile.ZipFile, prefix: str, ref: _TensorRef, out: BinaryIO, digest: "hashlib._Hash") -> None:
+    member = f"{prefix}data/{ref.storage.key}"
+    begin = ref.offset * ref.storage.itemsize
+    if begin + ref.nbytes > archive.getinfo(member).file_size:
+        raise ConversionError(f"a tensor reaches past the end of its storage {member}")
+    with archive.open(member) as f:
+        f.seek(begin)
+        left = ref.nbytes
+        while left:
+            chunk = f.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise ConversionError(f"storage {member} ended early")
+            _write(out, digest, chunk)
+            left -= len(chunk)
+
