@@ -32,7 +32,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO, Iterator, Literal, Mapping, Optional, Sequence, Tuple
+from typing import BinaryIO, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import tenacity
 from tqdm import tqdm
@@ -452,8 +452,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, Fetc
     parser.add_argument("--lock", type=Path, default=LOCK_FILE, help="the lock file (default: %(default)s)")
     parser.add_argument("--dest", type=Path, required=True, help="the models folder to fill or verify")
     parser.add_argument("--components", action="append",
-                        help="components to fetch, comma-separated or repeated; 'all' for every one "
-                             "(default: the lock's default set)")
+                        help="components, comma-separated or repeated; 'default' is the lock's default set "
+                             "and 'all' every component (default: default)")
     parser.add_argument("--verify", action="store_true",
                         help="download nothing: check size and SHA-256 of every file and list what is missing or wrong")
     parser.add_argument("--jobs", type=int, default=4, help="parallel downloads (default: %(default)s)")
@@ -474,8 +474,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, Fetc
     args = parser.parse_args(argv)
     components = None
     if args.components:
-        names = [n.strip() for value in args.components for n in value.split(",") if n.strip()]
-        components = None if names == ["default"] else tuple(names)
+        components = tuple(n.strip() for value in args.components for n in value.split(",") if n.strip())
     options = FetchOptions(
         dest=args.dest.resolve(),
         lock_path=args.lock.resolve(),
@@ -493,10 +492,15 @@ def _parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, Fetc
     return args, options
 
 
-def _expand_all(options: FetchOptions) -> FetchOptions:
-    if options.components == ("all",):
-        return dataclasses.replace(options, components=tuple(load_lock(options.lock_path).components))
-    return options
+def _expand_components(options: FetchOptions) -> FetchOptions:
+    """Replace the words ``default`` (the lock's default set) and ``all`` by component names."""
+    if options.components is None:
+        return options
+    lock = load_lock(options.lock_path)
+    names: List[str] = []
+    for name in options.components:
+        names += {"default": list(lock.default_components), "all": list(lock.components)}.get(name, [name])
+    return dataclasses.replace(options, components=tuple(dict.fromkeys(names)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -504,7 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, options = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        options = _expand_all(options)
+        options = _expand_components(options)
         if args.verify:
             report = verify_models(options.dest, options.lock_path, options.components, check_hashes=True)
             print(report.describe())
