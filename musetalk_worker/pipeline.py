@@ -1,0 +1,405 @@
+"""The lip-sync pipeline: models loaded once, one call per job.
+
+A job runs in two streaming passes over the source, so memory stays flat
+whatever the length:
+
+1. **Prepare** each source frame (decode -> face box -> crop latents -> blend
+   mask) and spill it to a scratch file (:mod:`store`). Only the frames the
+   audio needs are decoded.
+2. **Generate** the output in batches: audio prompts + latents -> UNet -> VAE
+   decoder -> blend into the source frame -> ffmpeg, in ping-pong order over the
+   source frames until the audio ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import boxes as box_math
+from .audio import AudioEncoder, AudioPrompts
+from .blend import blend_face
+from .decode import MediaInfo, iter_video_frames, load_audio, probe, read_image
+from .encode import VideoEncoder
+from .errors import ErrorCode, LipSyncError
+from .faces import FaceAnalyzer, load_face_analyzer
+from .generate import FaceGenerator
+from .latents import LatentEncoder, crop_face
+from .masks import BlendMask, MaskMaker
+from .models import load_audio_encoder, load_face_parser, load_unet, load_vae
+from .options import EngineOptions
+from .store import SourceStore
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+# Stages reported to the progress callback, in order.
+PROGRESS_STAGES = ("decode", "prepare", "generate", "encode")
+
+
+@dataclasses.dataclass
+class LipSyncResult:
+    """What a job produced. ``timings`` holds seconds per stage."""
+
+    path: Path
+    frames: int
+    fps: float
+    fps_fraction: str
+    duration_s: float
+    width: int
+    height: int
+    source_frames: int
+    frames_without_face: int
+    timings: Dict[str, float]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise LipSyncError(ErrorCode.INVALID_INPUT, f"unknown device {device!r}; use auto, cuda, mps or cpu") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise LipSyncError(ErrorCode.INVALID_INPUT, "device 'cuda' was asked for but no CUDA GPU is visible")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise LipSyncError(ErrorCode.INVALID_INPUT, "device 'mps' was asked for but Apple's MPS is not available")
+    return chosen
+
+
+class _StageTimer:
+    """Adds up wall time per stage; stages interleave in the streaming passes."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def timed_iter(self, stage: str, items: Iterable) -> Iterator:
+        iterator = iter(items)
+        while True:
+            with self(stage):
+                item = next(iterator, _END)
+            if item is _END:
+                return
+            yield item
+
+
+_END = object()
+
+
+class LipSyncPipeline:
+    """MuseTalk from media files to a lip-synced mp4; load once, call per job.
+
+    Build it with :meth:`from_models`. Float16 copies of the UNet and VAE are
+    made the first time a job asks for ``fp16`` (or at load with
+    ``fp16=True``) and kept, as is the UNet of the other version.
+    """
+
+    def __init__(
+        self,
+        models_dir: Path,
+        device: torch.device,
+        faces: FaceAnalyzer,
+        audio_encoder: AudioEncoder,
+        mask_net: torch.nn.Module,
+    ):
+        self.models_dir = Path(models_dir)
+        self.device = device
+        self.faces = faces
+        self.audio_encoder = audio_encoder
+        self.mask_net = mask_net
+        self._vaes: Dict[torch.dtype, torch.nn.Module] = {}
+        self._unets: Dict[Tuple[str, torch.dtype], torch.nn.Module] = {}
+
+    @classmethod
+    def from_models(
+        cls,
+        models_dir: Path,
+        *,
+        device: str = "auto",
+        fp16: Optional[bool] = None,
+        landmarks: str = "auto",
+        versions: Sequence[str] = ("v15",),
+    ) -> "LipSyncPipeline":
+        """Loads every model from ``models_dir`` (standard layout) onto ``device``.
+
+        Args:
+            device: ``auto``, ``cuda``, ``mps`` or ``cpu``.
+            fp16: also prepare float16 models now (default: on CUDA only).
+            landmarks: face back-end, ``dwpose``, ``dlib`` or ``auto``.
+            versions: UNets to load now (others load at their first job).
+        """
+        chosen = resolve_device(device)
+        faces = load_face_analyzer(landmarks, models_dir, chosen)
+        pipe = cls(models_dir, chosen, faces, load_audio_encoder(models_dir, chosen), load_face_parser(models_dir, chosen))
+        dtypes = [torch.float32]
+        if chosen.type == "cuda" if fp16 is None else fp16:
+            dtypes.append(pipe._half_dtype())
+        for version in versions:
+            for dtype in dtypes:
+                pipe._unet(version, dtype)
+        return pipe
+
+    def warm_up(self, options: EngineOptions = EngineOptions()) -> None:
+        """Runs the generator once on zeros so the first job does not pay for kernel set-up."""
+        generator = self._generator(options.resolved())
+        latents = torch.zeros(1, 8, 32, 32)
+        generator.decode(generator.predict_latents(latents, torch.zeros(1, 50, 384)))
+
+    def __call__(
+        self,
+        source: Path,
+        audio: Path,
+        output: Path,
+        options: EngineOptions = EngineOptions(),
+        *,
+        progress: Optional[Progress] = None,
+        workdir: Optional[Path] = None,
+    ) -> LipSyncResult:
+        """Makes ``output`` (mp4): the source's face speaking ``audio``.
+
+        Raises:
+            LipSyncError: bad media, no face in any frame, missing models.
+        """
+        options = options.resolved()
+        report = progress or (lambda stage, done, total: None)
+        timer = _StageTimer()
+        generator = self._generator(options)
+
+        report("decode", 0, 1)
+        with timer("decode"):
+            source_info, audio_info = _probe_inputs(Path(source), Path(audio))
+            samples = load_audio(audio_info)
+        fps = source_info.fps if source_info.kind == "video" else Fraction(options.fps).limit_denominator(1001)
+        prompts = self.audio_encoder.prompts(samples, fps)
+        if len(prompts) == 0:
+            raise LipSyncError(
+                ErrorCode.INVALID_INPUT,
+                f"the audio lasts {len(samples) / 16000:.3f} s, shorter than one video frame; send longer speech.",
+                stage="decode",
+            )
+        height, width = source_info.height, source_info.width
+        with tempfile.TemporaryDirectory(prefix="musetalk-", dir=workdir) as scratch:
+            store = SourceStore(Path(scratch) / "source.bin", height, width)
+            try:
+                self._prepare(source_info, options, generator.vae, store, len(prompts), timer, report)
+                report("generate", 0, len(prompts))
+                with VideoEncoder(Path(output), width, height, fps, audio_info.path, options.crf) as encoder:
+                    self._generate(store, prompts, generator, options, encoder, timer, report)
+                    report("encode", 0, 1)
+                    with timer("encode"):
+                        encoder.close()
+            finally:
+                store.close()
+        report("encode", 1, 1)
+        timings = {stage: round(seconds, 3) for stage, seconds in timer.seconds.items()}
+        return LipSyncResult(
+            path=Path(output),
+            frames=len(prompts),
+            fps=float(fps),
+            fps_fraction=f"{fps.numerator}/{fps.denominator}",
+            duration_s=round(len(samples) / 16000, 3),
+            width=width,
+            height=height,
+            source_frames=len(store),
+            frames_without_face=len(store) - store.faces,
+            timings=timings,
+        )
+
+    def _prepare(
+        self,
+        info: MediaInfo,
+        options: EngineOptions,
+        vae: torch.nn.Module,
+        store: SourceStore,
+        needed: int,
+        timer: _StageTimer,
+        report: Progress,
+    ) -> None:
+        """First pass: face box, latents and blend mask of each needed source frame, into ``store``."""
+        if info.kind == "video":
+            frames = iter_video_frames(info, max_frames=needed)
+            expected = min(needed, info.estimated_frames or needed)
+        else:
+            frames = iter([read_image(info.path)])
+            expected = 1
+        masks = MaskMaker(self.mask_net, options.parsing_mode, options.left_cheek_width, options.right_cheek_width)
+        latent_encoder = LatentEncoder(vae)
+        report("prepare", 0, expected)
+        for batch in _batched(timer.timed_iter("decode", frames), options.batch_size):
+            with timer("faces"):
+                face_boxes = self._face_boxes(batch, len(store), options)
+            with_face = [i for i, b in enumerate(face_boxes) if b is not None]
+            latents, blend_masks = None, {}
+            if with_face:
+                with timer("latents"):
+                    latents = latent_encoder.encode([crop_face(batch[i], face_boxes[i]) for i in with_face])
+                with timer("masks"):
+                    made = masks.make([batch[i] for i in with_face], [face_boxes[i] for i in with_face])
+                blend_masks = dict(zip(with_face, zip(made, latents)))
+            for i, frame in enumerate(batch):
+                mask, latent = blend_masks.get(i, (None, None))
+                store.add(frame, mask, latent)
+            report("prepare", len(store), max(expected, len(store)))
+        if store.faces == 0:
+            raise LipSyncError(
+                ErrorCode.NO_FACE,
+                f"no face was found in any of the {len(store)} source frames used; send a video or image "
+                "with one clearly visible, roughly frontal face.",
+                stage="prepare",
+            )
+
+    def _face_boxes(self, frames: List[np.ndarray], first: int, options: EngineOptions) -> List[Optional[box_math.Box]]:
+        """Face boxes (extra margin applied) of a batch of frames; None where there is no face."""
+        height, width = frames[0].shape[:2]
+        if options.boxes is not None:
+            found = [_given_box(options.boxes, first + i, width, height) for i in range(len(frames))]
+        else:
+            found = [
+                None if d is None else box_math.face_box(d.landmarks, d.detector_box, options.bbox_shift)
+                for d in self.faces.detect(frames)
+            ]
+        result = []
+        for box in found:
+            if box is not None:
+                box = box_math.with_margin(box, options.extra_margin, height)
+                x1, y1, x2, y2 = box_math.clip_box(box, width, height)
+                # A box with no pixels inside the frame cannot be cropped: treat as no face.
+                box = box if x2 > x1 and y2 > y1 else None
+            result.append(box)
+        return result
+
+    def _generate(
+        self,
+        store: SourceStore,
+        prompts: AudioPrompts,
+        generator: FaceGenerator,
+        options: EngineOptions,
+        encoder: VideoEncoder,
+        timer: _StageTimer,
+        report: Progress,
+    ) -> None:
+        """Second pass: generate, blend and encode every output frame in order."""
+        total = len(prompts)
+        for start in range(0, total, options.batch_size):
+            stop = min(start + options.batch_size, total)
+            sources = [_ping_pong(i, len(store)) for i in range(start, stop)]
+            with_face = [k for k, j in enumerate(sources) if store.box(j) is not None]
+            faces: Dict[int, np.ndarray] = {}
+            if with_face:
+                with timer("audio"):
+                    audio = prompts[start:stop][with_face]
+                latents = torch.stack([store.latent(sources[k]) for k in with_face])
+                with timer("unet"):
+                    predicted = generator.predict_latents(latents, audio)
+                with timer("vae_decode"):
+                    faces = dict(zip(with_face, generator.decode(predicted)))
+            for k, j in enumerate(sources):
+                frame = store.frame(j)
+                if k in faces:
+                    with timer("blend"):
+                        frame = blend_face(frame, faces[k], store.mask(j))
+                with timer("encode"):
+                    encoder.write(frame)
+            report("generate", stop, total)
+
+    def _generator(self, options: EngineOptions) -> FaceGenerator:
+        dtype = self._half_dtype() if options.fp16 else torch.float32
+        return FaceGenerator(self._unet(options.version, dtype), self._vae(dtype))
+
+    def _half_dtype(self) -> torch.dtype:
+        if self.device.type == "cpu":
+            raise LipSyncError(
+                ErrorCode.INVALID_INPUT,
+                "fp16 needs a GPU (CUDA or MPS); this worker runs on the CPU. Set fp16 to false.",
+                stage="validate",
+            )
+        return torch.float16
+
+    def _vae(self, dtype: torch.dtype) -> torch.nn.Module:
+        if dtype not in self._vaes:
+            self._vaes[dtype] = load_vae(self.models_dir, self.device, dtype)
+        return self._vaes[dtype]
+
+    def _unet(self, version: str, dtype: torch.dtype) -> torch.nn.Module:
+        if (version, dtype) not in self._unets:
+            self._unets[(version, dtype)] = load_unet(self.models_dir, version, self.device, dtype)
+            self._vae(dtype)
+        return self._unets[(version, dtype)]
+
+
+def _probe_inputs(source: Path, audio: Path) -> Tuple[MediaInfo, MediaInfo]:
+    source_info = probe(source)
+    if source_info.kind == "audio":
+        raise LipSyncError(
+            ErrorCode.UNSUPPORTED_MEDIA,
+            f"the source '{source.name}' is audio only; the source must be a video or an image of a face.",
+            stage="decode",
+        )
+    audio_info = probe(audio)
+    if not audio_info.has_audio:
+        raise LipSyncError(
+            ErrorCode.UNSUPPORTED_MEDIA,
+            f"the audio '{audio.name}' has no sound track; send speech audio (wav, mp3, m4a, ogg, flac).",
+            stage="decode",
+        )
+    return source_info, audio_info
+
+
+def _given_box(boxes: Sequence[box_math.Box], index: int, width: int, height: int) -> box_math.Box:
+    if len(boxes) == 1:
+        box = boxes[0]
+    elif index < len(boxes):
+        box = boxes[index]
+    else:
+        raise LipSyncError(
+            ErrorCode.INVALID_INPUT,
+            f"'boxes' has {len(boxes)} entries but the source has more frames; give one box per frame or a single box.",
+            stage="prepare",
+        )
+    x1, y1, x2, y2 = box
+    if x2 > width or y2 > height:
+        raise LipSyncError(
+            ErrorCode.INVALID_INPUT,
+            f"box {list(box)} reaches outside the {width}x{height} source; boxes must lie inside the frame.",
+            stage="prepare",
+        )
+    return tuple(box)
+
+
+def _ping_pong(index: int, count: int) -> int:
+    """Source frame of output frame ``index``: forwards, then backwards, and again."""
+    k = index % (2 * count)
+    return k if k < count else 2 * count - 1 - k
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
