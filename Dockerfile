@@ -41,7 +41,8 @@ RUN --mount=type=secret,id=hf_token,required=false \
 
 # ---------------------------------------------------------------------------------------
 FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION} AS mmcv
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # Python 3.11 from the deadsnakes archive (Ubuntu 22.04 ships 3.10).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common gpg-agent build-essential \
@@ -69,9 +70,9 @@ RUN FORCE_CUDA="$MMCV_CUDA_OPS" MMCV_WITH_OPS=1 MMCV_WHEEL_DIR=/wheels \
 # The base flavour holds the CUDA runtime (cudart); cuBLAS, cuDNN and the rest come with
 # torch's wheels, so the larger "runtime" flavour would only add a second copy.
 FROM nvidia/cuda:${CUDA_VERSION}-base-ubuntu${UBUNTU_VERSION} AS worker
-ENV DEBIAN_FRONTEND=noninteractive \
-    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# Build-time only (an ARG), so the running container keeps the usual apt behaviour.
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # libgl1/libglib2.0-0: opencv-python (not -headless) loads them at import.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common gpg-agent \

@@ -182,7 +182,8 @@ def _fetch_or_fail(wf: WeightFile, options: FetchOptions) -> FileOutcome:
     except FetchError as e:
         return FileOutcome(wf.path, "failed", str(e))
     except OSError as e:
-        return FileOutcome(wf.path, "failed", f"{wf.path}: could not write it under {options.dest}: {e}; check free space and permissions")
+        detail = f"{wf.path}: could not write it under {options.dest}: {e}; check free space and permissions"
+        return FileOutcome(wf.path, "failed", detail)
 
 
 def fetch_file(wf: WeightFile, options: FetchOptions) -> FileOutcome:
@@ -283,7 +284,7 @@ def _download_once(wf: WeightFile, part: Path, options: FetchOptions, bar: tqdm)
         raise HashMismatch(wf.path, target.url, wf.sha256, actual, resumed)
 
 
-def _stream(response: http.client.HTTPResponse, out: BinaryIO, digest: "hashlib._Hash", have: int,
+def _stream(response: http.client.HTTPResponse, out: BinaryIO, digest: hashlib._Hash, have: int,
             wf: WeightFile, url: str, bar: tqdm, part: Path) -> int:
     """Append the response body to ``out`` and the digest; returns the bytes now in the part file."""
     while True:
@@ -353,7 +354,8 @@ def _resolve(wf: WeightFile, options: FetchOptions) -> _Target:
     url = wf.source.url
     if options.url_mirror:
         parts = urllib.parse.urlsplit(url)
-        url = f"{options.url_mirror.rstrip('/')}/{parts.netloc}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+        query = f"?{parts.query}" if parts.query else ""
+        url = f"{options.url_mirror.rstrip('/')}/{parts.netloc}{parts.path}{query}"
     return _Target(url, {"User-Agent": "musetalk-worker-builder"})
 
 
@@ -378,7 +380,8 @@ def _resolve_hf(wf: WeightFile, src: HFSource, options: FetchOptions) -> _Target
     except FileMetadataError as e:
         raise FetchError(f"{wf.path}: {url} did not answer like a Hugging Face Hub ({e}); check HF_ENDPOINT") from None
     except OfflineModeIsEnabled:
-        raise FetchError(f"{wf.path}: HF_HUB_OFFLINE is set, so the Hub cannot be asked; unset it to download") from None
+        raise FetchError(f"{wf.path}: HF_HUB_OFFLINE is set, so the Hub cannot be asked; unset it to download") \
+            from None
     except httpx2.TransportError as e:
         raise _Transient(f"cannot reach {url}: {e}") from None
 

@@ -80,17 +80,19 @@ class _TensorRef:
         return math.prod(self.shape) * self.storage.itemsize
 
 
-def _rebuild_tensor(storage: Any, storage_offset: int, size: Tuple[int, ...], stride: Tuple[int, ...], *_: Any) -> _TensorRef:
+def _rebuild_tensor(
+    storage: Any, storage_offset: int, size: Tuple[int, ...], stride: Tuple[int, ...], *_: Any
+) -> _TensorRef:
     if not isinstance(storage, _StorageRef):
         raise ConversionError("a tensor refers to something that is not a storage")
-    if not _is_contiguous(size, stride):
+    if len(size) != len(stride) or not _is_contiguous(size, stride):
         raise ConversionError(f"a tensor of shape {tuple(size)} is not contiguous (stride {tuple(stride)})")
     return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(stride))
 
 
 def _is_contiguous(shape: Tuple[int, ...], stride: Tuple[int, ...]) -> bool:
     expected = 1
-    for dim, step in zip(reversed(shape), reversed(stride)):
+    for dim, step in zip(reversed(shape), reversed(stride), strict=True):
         # Size-1 dimensions may carry any stride (torch treats them as contiguous).
         if dim != 1 and step != expected:
             return False
@@ -160,7 +162,9 @@ def convert(src: Path, dst: Path, metadata: Mapping[str, str]) -> ConversionResu
             start = 0
             for name in names:
                 ref = tensors[name]
-                header[name] = {"dtype": ref.storage.dtype, "shape": list(ref.shape), "data_offsets": [start, start + ref.nbytes]}
+                header[name] = {
+                    "dtype": ref.storage.dtype, "shape": list(ref.shape), "data_offsets": [start, start + ref.nbytes]
+                }
                 start += ref.nbytes
             encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
             encoded += b" " * (-len(encoded) % 8)  # keeps the tensor data 8-byte aligned
@@ -176,12 +180,14 @@ def convert(src: Path, dst: Path, metadata: Mapping[str, str]) -> ConversionResu
         tmp.unlink(missing_ok=True)
 
 
-def _write(out: BinaryIO, digest: "hashlib._Hash", data: bytes) -> None:
+def _write(out: BinaryIO, digest: hashlib._Hash, data: bytes) -> None:
     out.write(data)
     digest.update(data)
 
 
-def _copy_tensor(archive: zipfile.ZipFile, prefix: str, ref: _TensorRef, out: BinaryIO, digest: "hashlib._Hash") -> None:
+def _copy_tensor(
+    archive: zipfile.ZipFile, prefix: str, ref: _TensorRef, out: BinaryIO, digest: hashlib._Hash
+) -> None:
     member = f"{prefix}data/{ref.storage.key}"
     begin = ref.offset * ref.storage.itemsize
     if begin + ref.nbytes > archive.getinfo(member).file_size:

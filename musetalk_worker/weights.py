@@ -392,7 +392,9 @@ def check_file(
                 f"(sha256 {wf.sha256}); the engine would load it instead of the locked file, so delete it "
                 "or make it again with python -m builder.fetch_weights --convert-unet",
             )
-        problem = _check_bytes(models_dir, conversion.path, conversion.size, conversion.sha256, wf.component, check_hash)
+        problem = _check_bytes(
+            models_dir, conversion.path, conversion.size, conversion.sha256, wf.component, check_hash
+        )
         if problem is not None or not (models_dir / wf.path).exists():
             return problem
     return _check_bytes(models_dir, wf.path, wf.size, wf.sha256, wf.component, check_hash)

@@ -120,7 +120,7 @@ class FileMirror:
 
 @pytest.fixture(scope="module")
 def fixture_files(fixture_models: Path) -> Dict[str, dict]:
-    """path -> size, the SHA-256 recorded in parity.json, and the bytes, for every fixture model file."""
+    """Every fixture model file by path: its size, the SHA-256 parity.json records, and its bytes."""
     recorded = json.loads((fixture_models.parent / "parity.json").read_text())["files"]
     files = {}
     for path in sorted(p for p in fixture_models.rglob("*") if p.is_file()):
@@ -153,7 +153,8 @@ def write_lock(path: Path, files: Dict[str, dict], source: Callable[[str], dict]
 
 @pytest.fixture
 def url_lock(tmp_path: Path, fixture_files: Dict[str, dict], mirror: FileMirror) -> Path:
-    return write_lock(tmp_path / "lock.json", fixture_files, lambda rel: {"type": "url", "url": f"{mirror.server.url}/files/{rel}"})
+    return write_lock(tmp_path / "lock.json", fixture_files,
+                      lambda rel: {"type": "url", "url": f"{mirror.server.url}/files/{rel}"})
 
 
 def run_fetch(tmp_path: Path, *args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
