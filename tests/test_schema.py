@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
+import re
+from pathlib import Path
 
 import pytest
 
 from musetalk_worker.errors import ErrorCode, LipSyncError
-from musetalk_worker.options import LIMITS, EngineOptions
+from musetalk_worker.options import LIMITS, EngineOptions, WorkerSettings
 from musetalk_worker.schema import JobInput, engine_field_names, parse_job
 
 GOOD = {"source": "https://example.com/face.mp4", "audio": "https://example.com/speech.wav"}
@@ -121,3 +125,30 @@ def test_input_must_be_an_object():
 def test_long_values_are_cut_short_in_messages():
     message = _error(dict(GOOD, parsing_mode="x" * 5000))
     assert len(message) < 400
+
+
+# ----------------------------------------------------------------------------- the job examples shipped in the repo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_jobs_are_valid():
+    jobs = [json.loads((ROOT / "test_input.json").read_text())["input"]]
+    jobs += [t["input"] for t in json.loads((ROOT / ".runpod" / "tests.json").read_text())["tests"]]
+    for job in jobs:
+        parse_job(job).engine_options()
+
+
+def test_hub_json_follows_the_hub_format():
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+    assert {"title", "description", "type", "category", "config"} <= set(hub)
+    assert hub["type"] == "serverless" and hub["category"] in ("audio", "embedding", "language", "video", "image")
+    config = hub["config"]
+    assert config["runsOn"] == "GPU" and config["gpuCount"] == 1
+    # The image's torch wheels are built for CUDA 13.0: older host drivers would show no GPU.
+    cuda = re.search(r"ARG CUDA_VERSION=(\d+\.\d+)", (ROOT / "Dockerfile").read_text()).group(1)
+    assert all(float(v) >= float(cuda) for v in config["allowedCudaVersions"])
+    reads = inspect.getsource(WorkerSettings.from_env)
+    for item in config["env"]:
+        assert f'"{item["key"]}"' in reads, f"{item['key']} is not a setting the worker reads"
+        assert {"name", "type", "description", "default"} <= set(item["input"])

@@ -1,0 +1,124 @@
+"""Measures the worker's cold start: process start -> ready to take a job.
+
+Starts ``python handler.py --rp_serve_api`` (the models load at import, before the
+server opens its port, exactly as before ``runpod.serverless.start`` on RunPod),
+times how long until the port answers, then times one job through ``/runsync``.
+Prints one JSON line per run and a summary::
+
+    python scripts/measure_cold_start.py --runs 3
+    python scripts/measure_cold_start.py --models-dir ../shared/parity/v15-yongen/models --device cpu \\
+        --landmarks dlib --local-input-dir ../shared --job test_input.json
+
+Settings not given here come from the environment, as for the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("measure_cold_start")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="cold starts to measure (default 3)")
+    parser.add_argument("--models-dir", type=Path, help="MUSETALK_MODELS_DIR for the worker")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), help="MUSETALK_DEVICE")
+    parser.add_argument("--landmarks", choices=("auto", "dwpose", "dlib"), help="MUSETALK_LANDMARKS")
+    parser.add_argument("--local-input-dir", type=Path, help="MUSETALK_LOCAL_INPUT_DIR (for a job with local files)")
+    parser.add_argument("--job", type=Path, default=ROOT / "test_input.json",
+                        help="job to time after start-up (default test_input.json; 'none' to skip)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for readiness")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    env = dict(os.environ)
+    for name, value in (("MUSETALK_MODELS_DIR", args.models_dir), ("MUSETALK_DEVICE", args.device),
+                        ("MUSETALK_LANDMARKS", args.landmarks), ("MUSETALK_LOCAL_INPUT_DIR", args.local_input_dir)):
+        if value is not None:
+            env[name] = str(Path(value).resolve()) if isinstance(value, Path) else value
+    job = None if str(args.job) == "none" else json.loads(args.job.read_text())
+
+    results = [_one_cold_start(env, job, args.timeout) for _ in range(args.runs)]
+    for result in results:
+        print(json.dumps(result))
+    ready = [r["ready_s"] for r in results]
+    summary = {"runs": len(results), "ready_s_median": round(statistics.median(ready), 2),
+               "ready_s_min": min(ready), "ready_s_max": max(ready), "device": _device(env)}
+    if job is not None:
+        summary["first_job_s_median"] = round(statistics.median(r["first_job_s"] for r in results), 2)
+    print(json.dumps(summary))
+    return 0
+
+
+def _one_cold_start(env: dict, job: dict | None, timeout: float) -> dict:
+    port = _free_port()
+    started = time.perf_counter()
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    result: dict = {}
+    try:
+        while not _answers(port):
+            if server.poll() is not None:
+                raise SystemExit(f"the worker exited with {server.returncode} before it was ready")
+            if time.perf_counter() - started > timeout:
+                raise SystemExit(f"the worker was not ready after {timeout:.0f} s")
+            time.sleep(0.1)
+        result["ready_s"] = round(time.perf_counter() - started, 2)
+        if job is not None:
+            job_started = time.perf_counter()
+            answer = requests.post(f"http://localhost:{port}/runsync", json=job, timeout=timeout).json()
+            if answer.get("status") != "COMPLETED":
+                raise SystemExit(f"the timed job failed: {answer.get('error')}")
+            result["first_job_s"] = round(time.perf_counter() - job_started, 2)
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=60)
+    # The worker logs how the start-up splits into loading and warm-up.
+    match = re.search(r"models loaded in ([\d.]+) s, warm-up ([\d.]+) s", output)
+    if match:
+        result["models_load_s"], result["warm_up_s"] = float(match.group(1)), float(match.group(2))
+    logger.info("cold start: %s", result)
+    return result
+
+
+def _answers(port: int) -> bool:
+    try:
+        requests.get(f"http://localhost:{port}/docs", timeout=1)
+        return True
+    except requests.ConnectionError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _device(env: dict) -> str:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() "
+         "else f'CPU ({torch.get_num_threads()} threads)')"],
+        env=env, capture_output=True, text=True,
+    )
+    return probe.stdout.strip() or "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
