@@ -152,3 +152,22 @@ def test_hub_json_follows_the_hub_format():
     for item in config["env"]:
         assert f'"{item["key"]}"' in reads, f"{item['key']} is not a setting the worker reads"
         assert {"name", "type", "description", "default"} <= set(item["input"])
+
+
+def test_worker_settings_from_environment(tmp_path):
+    settings = WorkerSettings.from_env({
+        "MUSETALK_MAX_AUDIO_SECONDS": "90", "MUSETALK_MAX_DOWNLOAD_BYTES": "1000", "MUSETALK_ALLOW_PRIVATE_URLS": "true",
+        "MUSETALK_LOCAL_INPUT_DIR": str(tmp_path), "BUCKET_NAME": "results", "BUCKET_SECRET_ACCESS_KEY": "s3cr3t-value",
+        "MUSETALK_DEVICE": "CPU", "RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/e/job-take/$RUNPOD_POD_ID",
+    })
+    assert (settings.max_audio_s, settings.max_download_bytes, settings.allow_private_urls) == (90.0, 1000, True)
+    assert (settings.local_input_dir, settings.bucket_name, settings.device) == (tmp_path, "results", "cpu")
+    assert settings.output_dir is None  # on RunPod: no local output folder
+    assert "s3cr3t-value" not in repr(settings)
+    local = WorkerSettings.from_env({})
+    assert local.output_dir == ROOT / "outputs" and local.models_dir == ROOT / "models"
+    assert local == dataclasses.replace(WorkerSettings(), output_dir=ROOT / "outputs")
+    for name, value in [("MUSETALK_MAX_AUDIO_SECONDS", "-5"), ("MUSETALK_DEVICE", "gpu"),
+                        ("MUSETALK_ALLOW_PRIVATE_URLS", "maybe"), ("MUSETALK_PRESIGN_SECONDS", "604801")]:
+        with pytest.raises(ValueError, match=name):
+            WorkerSettings.from_env({name: value})
