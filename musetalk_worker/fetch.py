@@ -161,6 +161,10 @@ def parse_input(field: str, value: str, settings: WorkerSettings) -> InputRef:
         parsed = urlparse(value)
         if not parsed.hostname:
             raise _invalid(field, f"'{field}' URL has no host; send {ACCEPTED_FORMS}.")
+        try:
+            parsed.port
+        except ValueError:
+            raise _invalid(field, f"'{field}' URL has an invalid port.") from None
         return InputRef(field, "url", shown_url(value), _suffix_of(parsed.path), value=value)
     if scheme == "s3":
         parsed = urlparse(value)
@@ -180,6 +184,8 @@ def _parse_data_uri(field: str, value: str, settings: WorkerSettings) -> InputRe
     if not comma or not header.lower().endswith(";base64"):
         raise _invalid(field, f"'{field}' data: URI must carry base64 content: data:<type>;base64,<data>.")
     media_type = header[: -len(";base64")].split(";")[0].strip().lower()
+    # Line-wrapped base64 (as some encoders write it) is still base64.
+    data = "".join(data.split())
     limit = settings.max_inline_input_bytes
     # Checked on the encoded length first, so an oversized payload is never decoded.
     if len(data) * 3 // 4 > limit:
@@ -317,6 +323,11 @@ def _pinned_get(ref: InputRef, url: str, settings: WorkerSettings) -> Iterator[r
                 continue
             except requests.Timeout as err:
                 raise _Transient(f"timed out ({_reason(err)})") from None
+            except requests.RequestException as err:
+                raise LipSyncError(
+                    ErrorCode.DOWNLOAD_FAILED, f"could not download '{ref.field}' from {ref.shown}: {_reason(err)}.",
+                    stage="download",
+                ) from None
             with response:
                 yield response
             return
@@ -375,7 +386,7 @@ def _save_capped(ref: InputRef, response: requests.Response, dest: Path, limit: 
                     raise _too_large(ref, limit)
                 out.write(chunk)
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
-        raise _Transient(f"the transfer broke off after {written} bytes ({_reason(err)})") from None
+        raise _Transient(f"the transfer broke off ({_reason(err)})") from None
 
 
 def _download_s3(ref: InputRef, dest: Path, settings: WorkerSettings, access: S3Access) -> None:
@@ -432,7 +443,7 @@ def _reason(err: Optional[BaseException]) -> str:
     # requests nests the useful part ("Connection refused", "RemoteDisconnected") deep inside.
     text = str(err) if err else "no address answered"
     match = re.search(r"(Connection refused|Connection reset by peer|Remote end closed connection[^'\")]*|"
-                      r"RemoteDisconnected[^'\")]*|timed out|Read timed out)", text)
+                      r"RemoteDisconnected[^'\")]*|IncompleteRead\([^)]*\)|timed out|Read timed out)", text)
     return match.group(1) if match else text[:200]
 
 

@@ -123,7 +123,7 @@ class Worker:
                                    stage="load")
 
             self.settings.temp_dir.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=f"job-{job_id[:40]}-", dir=self.settings.temp_dir))
+            scratch = Path(tempfile.mkdtemp(prefix="job-", dir=self.settings.temp_dir))
             progress.stage("download")
             access = S3Access.for_job(job.output.credentials if job.output else None, self.settings)
             source, audio = (fetch_input(ref, scratch, self.settings, access) for ref in refs)
@@ -174,8 +174,8 @@ class Worker:
         cuda_fault = "CUDA" in str(err) or "cuDNN" in str(err)
         return _failure(
             ErrorCode.INTERNAL,
-            f"unexpected error in stage '{stage}': {type(err).__name__}: {err}. The worker logged the details; "
-            "retry the job, and report it if it happens again.",
+            f"unexpected error in stage '{stage}': {type(err).__name__}: {str(err)[:500]}. The worker logged "
+            "the details; retry the job, and report it if it happens again.",
             stage, secrets, refresh=cuda_fault,
         )
 

@@ -47,6 +47,7 @@ def test_url_is_shown_without_credentials_or_signature():
     ("ftp://host/a.mp4", "unsupported scheme 'ftp:'"),
     ("s3://bucket-only", "must look like s3://bucket/key"),
     ("http:///nohost.mp4", "URL has no host"),
+    ("http://example.com:99999/a.mp4", "URL has an invalid port"),
     ("data:video/mp4,AAAA", "must carry base64 content"),
     ("data:video/mp4;base64,not base64!", "not valid base64"),
     ("face.mp4", "Local file paths are accepted only when the worker sets MUSETALK_LOCAL_INPUT_DIR"),
@@ -67,6 +68,8 @@ def test_inline_limit_keeps_two_inputs_under_the_run_body_limit():
 def test_inline_data_round_trips(tmp_path):
     path = _fetch("data:video/mp4;base64," + base64.b64encode(PAYLOAD).decode(), tmp_path)
     assert path == tmp_path / "source.mp4" and path.read_bytes() == PAYLOAD
+    wrapped = "\n".join(base64.encodebytes(PAYLOAD).decode().splitlines())
+    assert _fetch("data:video/mp4;base64," + wrapped, tmp_path).read_bytes() == PAYLOAD
     # An unknown media type only loses the file suffix; ffprobe reads the content.
     assert _fetch("data:audio/wav;base64," + base64.b64encode(PAYLOAD).decode(), tmp_path).name == "source"
 
@@ -157,6 +160,21 @@ def test_dropped_connections_are_retried_then_fail_clearly(http_server, tmp_path
     error = _fails(ErrorCode.DOWNLOAD_FAILED, url, tmp_path)
     assert error.message.startswith(f"could not download 'source' from {url} after 3 attempts: connection failed")
     assert http_server.hits["/drop.mp4"] == 3
+
+
+def test_transfer_cut_short_is_retried_then_fails_clearly(http_server, tmp_path):
+    def cut_short(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(PAYLOAD)))
+        h.end_headers()
+        h.wfile.write(PAYLOAD[:1000])
+        h.wfile.flush()
+        drop_connection(h)
+
+    error = _fails(ErrorCode.DOWNLOAD_FAILED, http_server.route("/cut.mp4", cut_short), tmp_path)
+    assert "after 3 attempts: the transfer broke off (IncompleteRead(1000 bytes read, 49000 more expected))" \
+        in error.message
+    assert http_server.hits["/cut.mp4"] == 3
 
 
 @pytest.mark.parametrize("status", [503, 429])

@@ -180,6 +180,17 @@ def test_private_address_refused_without_the_setting(worker, good, tmp_path):
     _check_good(worker, good, tmp_path)
 
 
+def test_unexpected_failure_is_internal_and_survived(worker, good, tmp_path):
+    # A real fault of the machine, not of the input: the scratch root is a file.
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    broken = Worker(dataclasses.replace(worker.settings, temp_dir=blocked), engine=worker.engine)
+    result = broken.run(good, "internal")
+    _assert_failed(result, "internal", "unexpected error in stage 'validate': FileExistsError", "validate")
+    assert "retry the job" in result["error"] and "refresh_worker" not in result
+    _check_good(worker, good, tmp_path)
+
+
 class _OutOfMemoryEngine:
     """Stands in for the engine on a GPU that runs out of memory: no GPU exists here."""
 
