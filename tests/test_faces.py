@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import shutil
 from pathlib import Path
 
@@ -187,17 +188,18 @@ def test_s3fd_weights_load_from_file(tmp_path):
 def tiny_models(tmp_path_factory, one_thread) -> Path:
     """A models folder with a seeded random DWPose checkpoint and an S3FD that always finds a face."""
     pytest.importorskip("mmpose.apis", reason="mmpose (OpenMMLab stack) is not installed", exc_type=ImportError)
-    from mmpose.apis import init_model
-
-    from musetalk_worker.faces.dwpose import CONFIG_PATH, build_pose_model
+    from musetalk_worker.faces.dwpose import build_pose_model
 
     models = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    model = init_model(str(CONFIG_PATH), None, device="cpu")
+    model = build_pose_model(None)  # mmpose's init_model(our config, no checkpoint)
+    assert model.dataset_meta["num_keypoints"] == 133
     # Like the real file: weights plus metadata holding numpy arrays (needs weights_only=False).
-    meta = {"dataset_meta": build_pose_model(None).dataset_meta}
+    checkpoint = {"state_dict": model.state_dict(), "meta": {"dataset_meta": model.dataset_meta}}
     (models / DWPOSE_WEIGHTS).parent.mkdir(parents=True)
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, models / DWPOSE_WEIGHTS)
+    torch.save(checkpoint, models / DWPOSE_WEIGHTS)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(models / DWPOSE_WEIGHTS, weights_only=True)
     (models / S3FD_WEIGHTS).parent.mkdir(parents=True)
     torch.save(_forced_face_state(face_logit=10.0), models / S3FD_WEIGHTS)
     return models
