@@ -162,10 +162,10 @@ def parse_input(field: str, value: str, settings: WorkerSettings) -> InputRef:
         if not parsed.hostname:
             raise _invalid(field, f"'{field}' URL has no host; send {ACCEPTED_FORMS}.")
         try:
-            parsed.port
+            shown = shown_url(value)  # reading the port checks it
         except ValueError:
             raise _invalid(field, f"'{field}' URL has an invalid port.") from None
-        return InputRef(field, "url", shown_url(value), _suffix_of(parsed.path), value=value)
+        return InputRef(field, "url", shown, _suffix_of(parsed.path), value=value)
     if scheme == "s3":
         parsed = urlparse(value)
         key = parsed.path.lstrip("/")

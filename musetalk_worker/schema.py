@@ -152,7 +152,9 @@ def _messages(err: ValidationError, raw: dict) -> list[str]:
         elif kind == "missing":
             messages.append(f"'{path}' is required: {_allowed_for(path)}.")
         elif kind == "value_error" and "key_and_prefix" in str(item.get("ctx", {}).get("error", "")):
-            messages.append("'output' has both 'key' and 'prefix': give one (an exact key, or a prefix for a generated key).")
+            messages.append(
+                "'output' has both 'key' and 'prefix': give one (an exact key, or a prefix for a generated key)."
+            )
         else:
             messages.append(f"'{path}' is {_shown(path, raw)}; it must be {_allowed_for(path)}.")
     for parent, keys in unknown.items():

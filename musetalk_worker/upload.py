@@ -120,7 +120,9 @@ def deliver(video: Path, plan: DeliveryPlan, settings: WorkerSettings) -> dict:
     }
 
 
-def upload_video(video: Path, plan: DeliveryPlan, settings: WorkerSettings, transfer: TransferConfig = TRANSFER) -> dict:
+def upload_video(
+    video: Path, plan: DeliveryPlan, settings: WorkerSettings, transfer: TransferConfig = TRANSFER
+) -> dict:
     """Uploads ``video`` to ``plan.bucket``/``plan.key`` and presigns a GET for it.
 
     Returns ``video_url``, ``bucket``, ``key`` and ``url_expires_in`` (seconds).

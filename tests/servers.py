@@ -137,7 +137,7 @@ def moto_s3() -> Iterator[MotoS3]:
         except requests.ConnectionError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError("moto_server did not start")
+                raise RuntimeError("moto_server did not start") from None
             time.sleep(0.1)
     yield MotoS3(endpoint, process)
     process.terminate()

@@ -156,7 +156,8 @@ def test_hub_json_follows_the_hub_format():
 
 def test_worker_settings_from_environment(tmp_path):
     settings = WorkerSettings.from_env({
-        "MUSETALK_MAX_AUDIO_SECONDS": "90", "MUSETALK_MAX_DOWNLOAD_BYTES": "1000", "MUSETALK_ALLOW_PRIVATE_URLS": "true",
+        "MUSETALK_MAX_AUDIO_SECONDS": "90", "MUSETALK_MAX_DOWNLOAD_BYTES": "1000",
+        "MUSETALK_ALLOW_PRIVATE_URLS": "true",
         "MUSETALK_LOCAL_INPUT_DIR": str(tmp_path), "BUCKET_NAME": "results", "BUCKET_SECRET_ACCESS_KEY": "s3cr3t-value",
         "MUSETALK_DEVICE": "CPU", "RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/e/job-take/$RUNPOD_POD_ID",
     })

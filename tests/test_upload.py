@@ -139,7 +139,8 @@ def test_inline_only_when_small_enough(video):
         deliver(video, plan_delivery(None, small, "j"), small)
     assert info.value.code is ErrorCode.UPLOAD_FAILED
     assert "fit in a RunPod result" in info.value.message
-    assert "set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY and BUCKET_NAME" in info.value.message
+    assert "set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY and BUCKET_NAME" \
+        in info.value.message
 
 
 def test_default_inline_result_fits_the_result_limit():
