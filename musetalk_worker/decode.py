@@ -26,6 +26,8 @@ AUDIO_SAMPLE_RATE = 16000
 
 # Demuxers ffprobe reports for single pictures.
 _IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe"}
+# ffmpeg renders any text file as "video" through its text-art decoders; that is never a face.
+_TEXT_ART_CODECS = {"ansi", "bintext", "xbin", "idf"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,8 @@ def probe(path: Path) -> MediaInfo:
         (s for s in streams if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")),
         None,
     )
+    if video is not None and video.get("codec_name") in _TEXT_ART_CODECS:
+        video = None
     audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
     duration = _float(fmt.get("duration")) or _float((video or audio or {}).get("duration"))
     audio_fields = {}
