@@ -5,7 +5,8 @@ whatever the length:
 
 1. **Prepare** each source frame (decode -> face box -> crop latents -> blend
    mask) and spill it to a scratch file (:mod:`store`). Only the frames the
-   audio needs are decoded.
+   audio needs are decoded, unless an avatar cache is set: then the whole
+   source is prepared once and later jobs with the same source skip this pass.
 2. **Generate** the output in batches: audio prompts + latents -> UNet -> VAE
    decoder -> blend into the source frame -> ffmpeg, in ping-pong order over the
    source frames until the audio ends.
@@ -27,6 +28,7 @@ import torch
 
 from . import boxes as box_math
 from .audio import AudioEncoder, AudioPrompts
+from .avatar_cache import AvatarCache
 from .blend import blend_face
 from .decode import MediaInfo, iter_video_frames, load_audio, probe, read_image
 from .encode import VideoEncoder
@@ -35,7 +37,7 @@ from .faces import FaceAnalyzer, load_face_analyzer
 from .generate import FaceGenerator
 from .latents import LatentEncoder, crop_face
 from .masks import BlendMask, MaskMaker
-from .models import load_audio_encoder, load_face_parser, load_unet, load_vae
+from .models import FACE_PARSING_WEIGHTS, VAE_DIR, load_audio_encoder, load_face_parser, load_unet, load_vae
 from .options import EngineOptions
 from .store import SourceStore
 
@@ -60,6 +62,7 @@ class LipSyncResult:
     source_frames: int
     frames_without_face: int
     timings: Dict[str, float]
+    cache_hit: Optional[bool] = None  # None when no avatar cache is set
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -123,12 +126,14 @@ class LipSyncPipeline:
         faces: FaceAnalyzer,
         audio_encoder: AudioEncoder,
         mask_net: torch.nn.Module,
+        cache: Optional[AvatarCache] = None,
     ):
         self.models_dir = Path(models_dir)
         self.device = device
         self.faces = faces
         self.audio_encoder = audio_encoder
         self.mask_net = mask_net
+        self.cache = cache
         self._vaes: Dict[torch.dtype, torch.nn.Module] = {}
         self._unets: Dict[Tuple[str, torch.dtype], torch.nn.Module] = {}
 
@@ -141,6 +146,8 @@ class LipSyncPipeline:
         fp16: Optional[bool] = None,
         landmarks: str = "auto",
         versions: Sequence[str] = ("v15",),
+        cache_dir: Optional[Path] = None,
+        cache_max_bytes: int = 20 * 2**30,
     ) -> "LipSyncPipeline":
         """Loads every model from ``models_dir`` (standard layout) onto ``device``.
 
@@ -149,10 +156,15 @@ class LipSyncPipeline:
             fp16: also prepare float16 models now (default: on CUDA only).
             landmarks: face back-end, ``dwpose``, ``dlib`` or ``auto``.
             versions: UNets to load now (others load at their first job).
+            cache_dir: avatar cache folder (e.g. on a network volume); None: no cache.
+            cache_max_bytes: size bound of the avatar cache.
         """
         chosen = resolve_device(device)
         faces = load_face_analyzer(landmarks, models_dir, chosen)
-        pipe = cls(models_dir, chosen, faces, load_audio_encoder(models_dir, chosen), load_face_parser(models_dir, chosen))
+        cache = AvatarCache(cache_dir, cache_max_bytes) if cache_dir is not None else None
+        pipe = cls(
+            models_dir, chosen, faces, load_audio_encoder(models_dir, chosen), load_face_parser(models_dir, chosen), cache
+        )
         dtypes = [torch.float32]
         if chosen.type == "cuda" if fp16 is None else fp16:
             dtypes.append(pipe._half_dtype())
@@ -201,9 +213,8 @@ class LipSyncPipeline:
             )
         height, width = source_info.height, source_info.width
         with tempfile.TemporaryDirectory(prefix="musetalk-", dir=workdir) as scratch:
-            store = SourceStore(Path(scratch) / "source.bin", height, width)
+            store, cache_hit = self._prepared_source(source_info, options, generator, len(prompts), Path(scratch), timer, report)
             try:
-                self._prepare(source_info, options, generator.vae, store, len(prompts), timer, report)
                 report("generate", 0, len(prompts))
                 with VideoEncoder(Path(output), width, height, fps, audio_info.path, options.crf) as encoder:
                     self._generate(store, prompts, generator, options, encoder, timer, report)
@@ -211,7 +222,7 @@ class LipSyncPipeline:
                     with timer("encode"):
                         encoder.close()
             finally:
-                store.close()
+                store.close(delete=cache_hit is None)
         report("encode", 1, 1)
         timings = {stage: round(seconds, 3) for stage, seconds in timer.seconds.items()}
         return LipSyncResult(
@@ -225,7 +236,63 @@ class LipSyncPipeline:
             source_frames=len(store),
             frames_without_face=len(store) - store.faces,
             timings=timings,
+            cache_hit=cache_hit,
         )
+
+    def _prepared_source(
+        self,
+        info: MediaInfo,
+        options: EngineOptions,
+        generator: FaceGenerator,
+        needed: int,
+        scratch: Path,
+        timer: _StageTimer,
+        report: Progress,
+    ) -> Tuple[SourceStore, Optional[bool]]:
+        """The prepared source: from the avatar cache, or prepared now (and cached when there is a cache)."""
+        if self.cache is None:
+            store = SourceStore(scratch, info.height, info.width)
+            try:
+                self._prepare(info, options, generator.vae, store, needed, timer, report)
+            except BaseException:
+                store.close()
+                raise
+            return store, None
+        with timer("cache"):
+            key = self.cache.key(info.path, self._preparation_settings(options, generator))
+            store = self.cache.open(key)
+        if store is not None:
+            report("prepare", len(store), len(store))
+            return store, True
+        folder = self.cache.new_entry()
+        store = SourceStore(folder, info.height, info.width)
+        try:
+            self._prepare(info, options, generator.vae, store, None, timer, report)
+            with timer("cache"):
+                store.save_index()
+        except BaseException:
+            store.close()
+            self.cache.discard(folder)
+            raise
+        with timer("cache"):
+            self.cache.commit(folder, key)
+        return store, False
+
+    def _preparation_settings(self, options: EngineOptions, generator: FaceGenerator) -> Dict[str, object]:
+        """Everything besides the source's bytes that changes what preparation computes."""
+        # Size and modification time identify the VAE and face-parsing weights without hashing gigabytes.
+        weights = sorted((self.models_dir / VAE_DIR).iterdir()) + [self.models_dir / FACE_PARSING_WEIGHTS]
+        return {
+            "faces": self.faces.name,
+            "boxes": options.boxes,
+            "bbox_shift": options.bbox_shift,
+            "extra_margin": options.extra_margin,
+            "parsing_mode": options.parsing_mode,
+            "cheeks": [options.left_cheek_width, options.right_cheek_width],
+            "device": self.device.type,
+            "vae_dtype": str(generator.dtype),
+            "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights],
+        }
 
     def _prepare(
         self,
@@ -233,14 +300,17 @@ class LipSyncPipeline:
         options: EngineOptions,
         vae: torch.nn.Module,
         store: SourceStore,
-        needed: int,
+        needed: Optional[int],
         timer: _StageTimer,
         report: Progress,
     ) -> None:
-        """First pass: face box, latents and blend mask of each needed source frame, into ``store``."""
+        """First pass: face box, latents and blend mask of the source frames, into ``store``.
+
+        ``needed`` limits it to the first frames the output uses (None: all).
+        """
         if info.kind == "video":
             frames = iter_video_frames(info, max_frames=needed)
-            expected = min(needed, info.estimated_frames or needed)
+            expected = min(needed or info.estimated_frames, info.estimated_frames or needed or 1)
         else:
             frames = iter([read_image(info.path)])
             expected = 1

@@ -3,15 +3,20 @@
 The first pass computes, for each source frame, its face box, VAE latents and
 blend mask; the second pass needs them (and the frame itself) again in
 ping-pong order, possibly many times. Keeping them in memory would grow with
-the length of the source, so they go to one append-only scratch file and are
+the length of the source, so they go to one append-only data file and are
 read back with positioned reads (no memory map, so they never count as the
 process's resident memory). Only a small index stays in memory.
+
+A finished store can be saved as a folder (data file + ``index.json`` with a
+CRC-32 of the data) and opened again later: that is an avatar cache entry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import zlib
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,6 +28,13 @@ from .masks import BlendMask
 
 LATENT_SHAPE = (8, 32, 32)
 _LATENT_BYTES = int(np.prod(LATENT_SHAPE)) * 4
+DATA_FILE = "source.bin"
+INDEX_FILE = "index.json"
+_FORMAT = 1
+
+
+class CorruptStoreError(Exception):
+    """A saved store whose index or data do not check out."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +51,50 @@ class SourceStore:
     A frame without a face has no box, latent or mask.
     """
 
-    def __init__(self, path: Path, height: int, width: int):
-        self.path = Path(path)
+    def __init__(self, folder: Path, height: int, width: int):
+        """Starts an empty store in ``folder`` (which must exist)."""
+        self.folder = Path(folder)
         self.height, self.width = height, width
         self._frame_bytes = height * width * 3
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._fd = os.open(self.folder / DATA_FILE, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self._size = 0
         self._entries: List[_Entry] = []
+
+    @classmethod
+    def open(cls, folder: Path) -> "SourceStore":
+        """Opens a store saved with :meth:`save_index`, checking its data against the saved CRC.
+
+        Raises:
+            CorruptStoreError: the index is unreadable or the data changed.
+        """
+        folder = Path(folder)
+        try:
+            index = json.loads((folder / INDEX_FILE).read_text())
+            if index["format"] != _FORMAT:
+                raise CorruptStoreError(f"{folder} has store format {index['format']}, not {_FORMAT}")
+            entries = [_Entry(e[0], None if e[1] is None else tuple(e[1]), e[2], e[3]) for e in index["entries"]]
+            store = cls.__new__(cls)
+            store.folder, store.height, store.width = folder, int(index["height"]), int(index["width"])
+            store._frame_bytes = store.height * store.width * 3
+            store._fd = os.open(folder / DATA_FILE, os.O_RDONLY)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise CorruptStoreError(f"{folder}: unreadable store ({error})") from error
+        store._size = os.fstat(store._fd).st_size
+        store._entries = entries
+        if store._size != index["size"] or store._crc32() != index["crc32"]:
+            store.close(delete=False)
+            raise CorruptStoreError(f"{folder}: data does not match its index (truncated or changed)")
+        return store
+
+    def save_index(self) -> None:
+        """Writes ``index.json`` beside the data so the store can be opened again."""
+        os.fsync(self._fd)
+        index = {
+            "format": _FORMAT, "height": self.height, "width": self.width, "size": self._size,
+            "crc32": self._crc32(),
+            "entries": [[e.frame_offset, e.box, e.latent_offset, e.mask_offset] for e in self._entries],
+        }
+        (self.folder / INDEX_FILE).write_text(json.dumps(index))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -86,23 +135,34 @@ class SourceStore:
         data = self._read(entry.mask_offset, (y2 - y1) * (x2 - x1))
         return BlendMask(entry.box, np.frombuffer(data, np.uint8).reshape(y2 - y1, x2 - x1))
 
-    def close(self) -> None:
-        """Closes and deletes the scratch file."""
+    def close(self, delete: bool = True) -> None:
+        """Closes the data file, and deletes it unless ``delete`` is False."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self.path.unlink(missing_ok=True)
+        if delete:
+            (self.folder / DATA_FILE).unlink(missing_ok=True)
+
+    def _crc32(self) -> int:
+        crc, offset = 0, 0
+        while offset < self._size:
+            chunk = os.pread(self._fd, min(16 << 20, self._size - offset), offset)
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            offset += len(chunk)
+        return crc
 
     def _append(self, data: bytes) -> int:
         offset = self._size
         written = os.pwrite(self._fd, data, offset)
         if written != len(data):
-            raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes (disk full?)")
+            raise OSError(f"short write to {self.folder / DATA_FILE}: {written} of {len(data)} bytes (disk full?)")
         self._size += written
         return offset
 
     def _read(self, offset: int, size: int) -> bytes:
         data = os.pread(self._fd, size, offset)
         if len(data) != size:
-            raise OSError(f"short read from {self.path} at {offset}")
+            raise OSError(f"short read from {self.folder / DATA_FILE} at {offset}")
         return data
