@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import PARITY_ROOT
 
 from musetalk_worker.errors import ErrorCode, LipSyncError
 from musetalk_worker.faces import DWPOSE_WEIGHTS, S3FD_WEIGHTS, FaceDetection, load_face_analyzer
@@ -77,7 +78,20 @@ def test_dlib_finds_the_face_in_a_video_frame_and_an_image(dlib_analyzer, video_
         _assert_plausible_face(found, frame)
 
 
-def test_dlib_finds_a_small_face_by_retrying_at_full_size(dlib_analyzer, video_frame):
+def test_dlib_reproduces_the_yongen_fixture_inputs(dlib_analyzer):
+    # The v15-yongen parity fixture's landmarks and detector boxes came from dlib
+    # (RGB, full size, no upsampling): the back-end must give the same numbers.
+    path = PARITY_ROOT / "v15-yongen" / "parity.npz"
+    if not path.is_file():
+        pytest.skip(f"parity fixture not found at {path}")
+    with np.load(path) as fixture:
+        frames, landmarks, boxes = fixture["frames"][:4], fixture["landmarks"][:4], fixture["detector_boxes"][:4]
+    for found, want_landmarks, want_box in zip(dlib_analyzer.detect(list(frames)), landmarks, boxes):
+        np.testing.assert_array_equal(found.landmarks, want_landmarks)
+        assert found.detector_box == tuple(int(v) for v in want_box)
+
+
+def test_dlib_finds_a_small_face_by_retrying_upsampled(dlib_analyzer, video_frame):
     # At 176x304 the face is ~65 px, under HOG's 80 px window: only the upsampled retry finds it.
     small = cv2.resize(video_frame, (176, 304), interpolation=cv2.INTER_AREA)
     (found,) = dlib_analyzer.detect([small])

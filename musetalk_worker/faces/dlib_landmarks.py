@@ -5,13 +5,12 @@ The 68-point model (``shape_predictor_68_face_landmarks.dat``, shipped by
 ``face_recognition_models``) was trained on iBUG 300-W, whose licence excludes
 commercial use.
 
-Speed: the HOG detector's cost grows with the pixel count, so large frames are
-searched on a copy whose shorter side is ``detect_short_side`` pixels; that
-still finds faces down to about a sixth of the frame's shorter side. A frame
-where that finds nothing is searched again at full size (upsampled once when
-the first search was already at full size), so smaller faces are found at the
-price of a slower miss.
-The landmarks are always fitted on the full-size frame.
+Speed: the HOG detector's cost grows with the pixel count, so frames larger
+than 720p are searched first on a copy whose shorter side is
+``detect_short_side`` pixels (faces down to a ninth of that side), and again
+at full size only when that finds nothing. Frames under half that size are
+searched again upsampled once, for faces under HOG's 80 px window. The
+landmarks are always fitted on the full-size frame.
 """
 
 from __future__ import annotations
@@ -55,7 +54,9 @@ class DlibAnalyzer:
 
     name = "dlib"
     # Shorter side of the copy searched first; HOG finds faces of 80 px and up in it.
-    detect_short_side = 480
+    # Frames up to 720p are searched at full size: a box found on a smaller copy
+    # and scaled back moves the landmark fit by several pixels.
+    detect_short_side = 720
 
     def __init__(self, detector: Any, predictor: Any):
         self._dlib = _import_dlib()
@@ -75,36 +76,41 @@ class DlibAnalyzer:
         return [self._detect_one(frame) for frame in frames]
 
     def _detect_one(self, frame: np.ndarray) -> FaceDetection | None:
-        # Grayscale: both dlib models work on intensity, and HOG is faster on one channel.
-        gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-        height, width = gray.shape
-        box = self._find_largest(gray)
-        if box is None:
+        # RGB, as dlib's own tools feed these models: the shape predictor's fit
+        # moves by up to 10 px on a grayscale copy of the same frame.
+        rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        height, width = rgb.shape[:2]
+        rect = self._find_largest(rgb)
+        if rect is None:
             return None
-        x1, y1, x2, y2 = box
-        shape = self.predictor(gray, self._dlib.rectangle(*(int(round(v)) for v in (x1, y1, x2 - 1, y2 - 1))))
-        landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+        landmarks = np.array([(p.x, p.y) for p in self.predictor(rgb, rect).parts()], dtype=np.float32)
+        # dlib's rectangle as it is (its right/bottom are the last pixels inside), clipped to the frame.
         detector_box = (
-            max(0, int(x1)),
-            max(0, int(y1)),
-            min(width, int(x2)),
-            min(height, int(y2)),
+            max(0, rect.left()),
+            max(0, rect.top()),
+            min(width, rect.right()),
+            min(height, rect.bottom()),
         )
         return FaceDetection(landmarks=landmarks, detector_box=detector_box)
 
-    def _find_largest(self, gray: np.ndarray) -> tuple[float, float, float, float] | None:
-        """The largest face as (x1, y1, x2, y2) in full-size pixels, x2/y2 exclusive."""
-        short_side = min(gray.shape)
-        scale = min(1.0, self.detect_short_side / short_side)
-        # The retry is at full size; a frame already searched at full size is upsampled once instead.
-        attempts = ((scale, 0), (1.0, 1 if scale == 1.0 else 0))
+    def _find_largest(self, rgb: np.ndarray) -> Any:
+        """The largest face as a dlib rectangle in full-size pixels, or None."""
+        short_side = min(rgb.shape[:2])
+        first = min(1.0, self.detect_short_side / short_side)
+        attempts = [(first, 0)]
+        if first < 1.0:
+            attempts.append((1.0, 0))
+        elif short_side < self.detect_short_side / 2:
+            # Only in small frames can a usable face be under HOG's 80 px window.
+            attempts.append((1.0, 1))
         for scale, upsample in attempts:
-            image = gray if scale == 1.0 else cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+            image = rgb if scale == 1.0 else cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
             rects = self.detector(image, upsample)
             if len(rects):
-                rect = max(rects, key=lambda r: r.width() * r.height())
-                # dlib's right/bottom are inclusive.
-                return (rect.left() / scale, rect.top() / scale, (rect.right() + 1) / scale, (rect.bottom() + 1) / scale)
+                rect = max(rects, key=lambda r: r.area())
+                if scale == 1.0:
+                    return rect
+                return self._dlib.rectangle(*(round(v / scale) for v in (rect.left(), rect.top(), rect.right(), rect.bottom())))
         return None
 
 
