@@ -163,6 +163,14 @@ class WorkerSettings:
         bucket_name: ``BUCKET_NAME``, unset; bucket_region: ``BUCKET_REGION``.
         output_prefix: ``MUSETALK_OUTPUT_PREFIX``, ``musetalk/``.
         presign_expiry_s: ``MUSETALK_PRESIGN_SECONDS``, 604800 (7 days, S3's maximum).
+        weights_lock: ``MUSETALK_WEIGHTS_LOCK``, the project's ``weights.lock.json``:
+            the models folder is checked against it at start (sizes); ``none``
+            skips the check (for a models folder of other files, e.g. tests).
+        verify_weight_hashes: ``MUSETALK_VERIFY_WEIGHT_HASHES``, false: also
+            hash every weight file at start (seconds per GB).
+        avatar_cache_dir: ``MUSETALK_AVATAR_CACHE_DIR``, unset (no cache): where
+            prepared sources are kept for later jobs (a network volume works).
+        avatar_cache_bytes: ``MUSETALK_AVATAR_CACHE_GB``, 20 (GB): the cache's bound.
     """
 
     models_dir: Path = _PROJECT_ROOT / "models"
@@ -189,6 +197,10 @@ class WorkerSettings:
     bucket_region: Optional[str] = None
     output_prefix: str = "musetalk/"
     presign_expiry_s: int = 7 * 24 * 3600
+    weights_lock: Optional[Path] = _PROJECT_ROOT / "weights.lock.json"
+    verify_weight_hashes: bool = False
+    avatar_cache_dir: Optional[Path] = None
+    avatar_cache_bytes: int = 20 * 10**9
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "WorkerSettings":
@@ -224,6 +236,11 @@ class WorkerSettings:
             bucket_region=env.text("BUCKET_REGION"),
             output_prefix=env.text("MUSETALK_OUTPUT_PREFIX") or cls.output_prefix,
             presign_expiry_s=int(env.number("MUSETALK_PRESIGN_SECONDS", cls.presign_expiry_s, high=7 * 24 * 3600)),
+            weights_lock=(None if (env.text("MUSETALK_WEIGHTS_LOCK") or "").lower() == "none"
+                          else env.path("MUSETALK_WEIGHTS_LOCK") or cls.weights_lock),
+            verify_weight_hashes=env.flag("MUSETALK_VERIFY_WEIGHT_HASHES"),
+            avatar_cache_dir=env.path("MUSETALK_AVATAR_CACHE_DIR"),
+            avatar_cache_bytes=int(env.number("MUSETALK_AVATAR_CACHE_GB", cls.avatar_cache_bytes / 10**9) * 10**9),
         )
 
 

@@ -27,6 +27,7 @@ from .fetch import S3Access, fetch_input, parse_input
 from .options import EngineOptions, WorkerSettings
 from .schema import parse_job
 from .upload import deliver, plan_delivery
+from .weights import verify_models
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,16 @@ class Worker:
         RunPod) and every job (locally) can say why.
         """
         started = time.perf_counter()
+        missing = _weights_problem(settings)
+        if missing:
+            logger.error("the models folder does not match the weights lock: %s", missing)
+            return cls(settings, load_error=missing)
         try:
             from .pipeline import LipSyncPipeline
 
             engine = LipSyncPipeline.from_models(settings.models_dir, device=settings.device,
-                                                 landmarks=settings.landmarks)
+                                                 landmarks=settings.landmarks, cache_dir=settings.avatar_cache_dir,
+                                                 cache_max_bytes=settings.avatar_cache_bytes)
             loaded = time.perf_counter()
             engine.warm_up()
         except LipSyncError as err:
@@ -148,6 +154,7 @@ class Worker:
                 "width": result.width,
                 "height": result.height,
                 "frames_without_face": result.frames_without_face,
+                "avatar_cache_hit": result.cache_hit,
                 "version": options.version,
                 "timings": {**progress.timings, **{k: round(v, 3) for k, v in result.timings.items()},
                             "total": progress.total()},
@@ -178,6 +185,17 @@ class Worker:
             "the details; retry the job, and report it if it happens again.",
             stage, secrets, refresh=cuda_fault,
         )
+
+
+def _weights_problem(settings: WorkerSettings) -> Optional[str]:
+    """What is missing or wrong in the models folder against the lock, or None (also when not checked)."""
+    if settings.weights_lock is None:
+        return None
+    components = ["v15", "vae", "whisper", "face_parsing"]
+    if settings.landmarks == "dwpose":
+        components += ["dwpose", "s3fd"]
+    report = verify_models(settings.models_dir, settings.weights_lock, components, settings.verify_weight_hashes)
+    return None if report.ok else report.describe()
 
 
 def check_media(source: Path, audio: Path, settings: WorkerSettings) -> tuple[MediaInfo, MediaInfo]:

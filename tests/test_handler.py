@@ -77,6 +77,7 @@ def settings(fixture_models, tmp_path_factory) -> WorkerSettings:
         temp_dir=tmp_path_factory.mktemp("scratch"),
         allow_private_urls=True,  # every test server is on loopback
         output_dir=None, max_audio_s=2.0, max_source_s=5.0,
+        weights_lock=None,  # the fixture's small models are not the locked files (see the lock test below)
     )
 
 
@@ -222,6 +223,34 @@ def test_missing_weights_fail_the_fitness_check_and_every_job(settings, good, tm
     _assert_failed(broken.run(good, "no-models"), "models_missing", "is missing from", "load")
 
 
+def _fixture_lock(models_dir: Path, path: Path) -> Path:
+    """A lock of the fixture's own model files (their real sizes and the hashes parity.json records)."""
+    hashes = json.loads((models_dir.parent / "parity.json").read_text())["files"]
+    components = {
+        name: {"description": name, "files": [
+            {"path": rel, "size": (models_dir / rel).stat().st_size, "sha256": hashes[f"models/{rel}"],
+             "source": {"type": "url", "url": f"https://example.invalid/{rel}"}} for rel in files]}
+        for name, files in {
+            "v15": ["musetalkV15/unet.pth", "musetalkV15/musetalk.json"],
+            "vae": ["sd-vae/config.json", "sd-vae/diffusion_pytorch_model.safetensors"],
+            "whisper": ["whisper/config.json", "whisper/model.safetensors", "whisper/preprocessor_config.json"],
+            "face_parsing": ["face-parse-bisent/79999_iter.pth", "face-parse-bisent/resnet18-5c106cde.pth"],
+        }.items()
+    }
+    path.write_text(json.dumps({"format": 1, "default_components": list(components), "components": components}))
+    return path
+
+
+def test_the_models_folder_is_checked_against_the_lock_at_start(settings, good, tmp_path):
+    # The project's lock describes the real weights; the fixture's files have other sizes.
+    refused = Worker.start(dataclasses.replace(settings, weights_lock=ROOT / "weights.lock.json"))
+    assert refused.engine is None and "musetalkV15/unet.pth" in refused.load_error
+    _assert_failed(refused.run(good, "wrong-weights"), "models_missing", "musetalkV15/unet.pth", "load")
+    lock = _fixture_lock(settings.models_dir, tmp_path / "fixture.lock.json")
+    accepted = Worker.start(dataclasses.replace(settings, weights_lock=lock, verify_weight_hashes=True))
+    assert accepted.load_error is None and accepted.engine is not None
+
+
 def test_expected_gpu_absent_fails_the_fitness_check(worker):
     # This machine really has no GPU: any device setting but cpu expects one.
     import torch
@@ -308,7 +337,7 @@ def _handler_env(settings: WorkerSettings, tmp_path: Path, **extra: str) -> dict
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MUSETALK_", "BUCKET_", "RUNPOD_"))}
     env.update(MUSETALK_MODELS_DIR=str(settings.models_dir), MUSETALK_DEVICE="cpu", MUSETALK_LANDMARKS="dlib",
                MUSETALK_TEMP_DIR=str(tmp_path / "scratch"), MUSETALK_OUTPUT_DIR=str(tmp_path / "outputs"),
-               MUSETALK_LOCAL_INPUT_DIR=str(SHARED), **extra)
+               MUSETALK_LOCAL_INPUT_DIR=str(SHARED), MUSETALK_WEIGHTS_LOCK="none", **extra)
     return env
 
 
