@@ -41,7 +41,7 @@ def require(models_dir: Path, relative: str) -> Path:
         raise LipSyncError(
             ErrorCode.MODELS_MISSING,
             f"model file '{relative}' is missing from {models_dir}. Fetch the weights with "
-            f"`python -m builder.fetch_weights --lock weights.lock.json --dest {models_dir}`.",
+            f"`python -m builder.fetch_weights --dest {models_dir}`.",
             stage="load",
         )
     return path
