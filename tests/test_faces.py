@@ -86,7 +86,8 @@ def test_dlib_reproduces_the_yongen_fixture_inputs(dlib_analyzer):
         pytest.skip(f"parity fixture not found at {path}")
     with np.load(path) as fixture:
         frames, landmarks, boxes = fixture["frames"][:4], fixture["landmarks"][:4], fixture["detector_boxes"][:4]
-    for found, want_landmarks, want_box in zip(dlib_analyzer.detect(list(frames)), landmarks, boxes):
+    found_all = dlib_analyzer.detect(list(frames))
+    for found, want_landmarks, want_box in zip(found_all, landmarks, boxes, strict=True):
         np.testing.assert_array_equal(found.landmarks, want_landmarks)
         assert found.detector_box == tuple(int(v) for v in want_box)
 
@@ -117,7 +118,7 @@ def test_dlib_batch_equals_single_frames(dlib_analyzer, video_frame):
     batch = dlib_analyzer.detect(frames)
     singles = [dlib_analyzer.detect([f])[0] for f in frames]
     assert batch[1] is None and singles[1] is None
-    for got, want in zip(batch[::2], singles[::2]):
+    for got, want in zip(batch[::2], singles[::2], strict=True):
         assert got.detector_box == want.detector_box
         np.testing.assert_array_equal(got.landmarks, want.landmarks)
 
@@ -254,7 +255,7 @@ def test_dwpose_batch_equals_per_frame_inference_topdown(dwpose_analyzer):
     frames = list(rng.integers(0, 256, (3, 96, 128, 3), dtype=np.uint8))
     batched = dwpose_analyzer.landmarks(frames)
     model = dwpose_analyzer.landmarks.model
-    for frame, got in zip(frames, batched):
+    for frame, got in zip(frames, batched, strict=True):
         want = inference_topdown(model, frame)[0].pred_instances.keypoints[0][23:91]
         np.testing.assert_allclose(got, want, atol=1e-3)
 

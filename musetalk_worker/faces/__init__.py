@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 

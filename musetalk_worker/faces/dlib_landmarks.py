@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -64,7 +65,7 @@ class DlibAnalyzer:
         self.predictor = predictor
 
     @classmethod
-    def load(cls) -> "DlibAnalyzer":
+    def load(cls) -> DlibAnalyzer:
         """Build the detector and load the shape predictor from ``face_recognition_models``."""
         dlib = _import_dlib()
         path = shape_predictor_path()
@@ -110,7 +111,8 @@ class DlibAnalyzer:
                 rect = max(rects, key=lambda r: r.area())
                 if scale == 1.0:
                     return rect
-                return self._dlib.rectangle(*(round(v / scale) for v in (rect.left(), rect.top(), rect.right(), rect.bottom())))
+                corners = (rect.left(), rect.top(), rect.right(), rect.bottom())
+                return self._dlib.rectangle(*(round(v / scale) for v in corners))
         return None
 
 

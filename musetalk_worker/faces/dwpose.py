@@ -14,8 +14,9 @@ several boxes of one image; the keypoints are the same.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,7 +141,7 @@ class DWPoseAnalyzer:
         self.landmarks = landmarks
 
     @classmethod
-    def from_files(cls, s3fd_path: Path, dwpose_path: Path, device: torch.device | str = "cpu") -> "DWPoseAnalyzer":
+    def from_files(cls, s3fd_path: Path, dwpose_path: Path, device: torch.device | str = "cpu") -> DWPoseAnalyzer:
         """Load S3FD and DWPose weights onto ``device``."""
         logger.info("loading S3FD %s and DWPose %s on %s", s3fd_path, dwpose_path, device)
         return cls(S3FDDetector.from_file(s3fd_path, device), DWPoseLandmarks(build_pose_model(dwpose_path, device)))
@@ -151,6 +152,6 @@ class DWPoseAnalyzer:
         with_face = [i for i, box in enumerate(boxes) if box is not None]
         landmarks = self.landmarks([frames[i] for i in with_face])
         results: list[FaceDetection | None] = [None] * len(frames)
-        for i, points in zip(with_face, landmarks):
+        for i, points in zip(with_face, landmarks, strict=True):
             results[i] = FaceDetection(landmarks=points, detector_box=boxes[i])
         return results

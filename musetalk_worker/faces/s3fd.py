@@ -16,8 +16,8 @@ best-scoring box, so one argmax replaces it here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -147,7 +147,7 @@ def best_boxes(levels: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     Returns (scores [B], boxes [B, 4]) in input pixels, before thresholding and clipping.
     """
     scores, offsets, priors = [], [], []
-    for (logits, loc), stride in zip(levels, STRIDES):
+    for (logits, loc), stride in zip(levels, STRIDES, strict=True):
         batch, _, height, width = logits.shape
         scores.append(logits.softmax(dim=1)[:, 1].reshape(batch, -1))
         offsets.append(loc.permute(0, 2, 3, 1).reshape(batch, -1, 4))
@@ -173,7 +173,7 @@ class S3FDDetector:
         self._mean = torch.tensor(PIXEL_MEAN, device=self.device).view(1, 3, 1, 1)
 
     @classmethod
-    def from_file(cls, path: Path, device: torch.device | str = "cpu") -> "S3FDDetector":
+    def from_file(cls, path: Path, device: torch.device | str = "cpu") -> S3FDDetector:
         """Load the S3FD state dict at ``path`` (a plain dict of tensors)."""
         net = S3FD()
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -199,4 +199,4 @@ class S3FDDetector:
         scores, boxes = best_boxes(self.net(images))
         boxes = boxes.clamp(min=0).cpu().numpy()
         found = (scores > SCORE_THRESHOLD).cpu().numpy()
-        return [tuple(int(v) for v in box) if ok else None for box, ok in zip(boxes, found)]
+        return [tuple(int(v) for v in box) if ok else None for box, ok in zip(boxes, found, strict=True)]
