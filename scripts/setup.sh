@@ -26,8 +26,9 @@ PIP=("$PY" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" ninja wheel
 bash scripts/build_mmcv.sh "$PY"
 "${PIP[@]}" -r requirements/openmmlab.txt
-# xtcocotools' wheels are built against numpy 1 and fail under numpy 2: build it here.
-"${PIP[@]}" --no-binary xtcocotools xtcocotools==1.14.3
+# xtcocotools' wheels are built against numpy 1 and fail under numpy 2: build it here,
+# against the installed numpy and cython (its setup.py imports both).
+"${PIP[@]}" --no-build-isolation --no-binary xtcocotools xtcocotools==1.14.3
 "${PIP[@]}" --no-deps mmpose==1.3.2 mmdet==3.3.0
 if [ "$WITH_TEST" = 1 ]; then
   "${PIP[@]}" -r requirements/test.txt
