@@ -1,0 +1,297 @@
+"""A models folder (standard layout) with seeded random weights of the real architectures.
+
+Benchmarks need the real models' shapes, not their weights: the time and
+memory of a forward pass depend only on the architecture. This builds what the
+engine loads, at the real sizes (MuseTalk's 850 M-parameter UNet,
+sd-vae-ft-mse's VAE, whisper-tiny, BiSeNet), or shrunk (``--tiny``) for tests::
+
+    python -m bench.random_models --dest DIR [--tiny] [--with-dwpose] [--seed 0]
+
+With ``--with-dwpose`` it adds S3FD and DWPose checkpoints for the ``dwpose``
+face back-end (needs mmpose). The S3FD body is random but its prediction heads
+are set so that every frame has a face: with random heads no face would be
+found and every job would stop with ``no_face``. DWPose's landmarks are random,
+so the face boxes are arbitrary; the detection and landmark timings are real.
+
+Files that exist are kept (a build that stops midway leaves no partial file),
+so a second run costs nothing. The output is never meant for real jobs: it is
+written under ``~/.cache/musetalk-worker/`` by default, never into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import zlib
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+
+logger = logging.getLogger("bench.random_models")
+
+# Written last; says what the folder holds so that a tiny and a real build never mix.
+MARKER = "BENCH_MODELS.json"
+
+# MuseTalk's musetalk.json (v1.5 and v1.0 share it): the SD-1.5 UNet with 8 input channels
+# (masked + reference latents) and whisper-tiny's width as the cross-attention width.
+UNET_CONFIG: Dict[str, object] = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 384,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 8,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+# stabilityai/sd-vae-ft-mse's config.
+VAE_CONFIG: Dict[str, object] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 256,
+    "scaling_factor": 0.18215,
+}
+
+# openai/whisper-tiny's shape. The engine uses the encoder only, and needs its
+# 4 layers (5 hidden states) and width 384 exactly.
+WHISPER_CONFIG: Dict[str, object] = {
+    "d_model": 384,
+    "encoder_layers": 4,
+    "decoder_layers": 4,
+    "encoder_attention_heads": 6,
+    "decoder_attention_heads": 6,
+    "encoder_ffn_dim": 1536,
+    "decoder_ffn_dim": 1536,
+    "num_mel_bins": 80,
+    "vocab_size": 51865,
+    "max_source_positions": 1500,
+    "max_target_positions": 448,
+}
+
+# --tiny: the same block types with few channels; the encoder's width and depth
+# stay (the engine depends on them), the unused decoder and vocabulary shrink.
+_TINY_UNET = {"block_out_channels": [32, 64, 64, 64], "layers_per_block": 1}
+_TINY_VAE = {"block_out_channels": [32, 64, 64, 64], "layers_per_block": 1}
+_TINY_WHISPER = {
+    "decoder_layers": 1,
+    "decoder_ffn_dim": 384,
+    "vocab_size": 64,
+    "pad_token_id": 1,
+    "bos_token_id": 2,
+    "eos_token_id": 3,
+    "decoder_start_token_id": 2,
+    "begin_suppress_tokens": None,
+    "suppress_tokens": None,
+}
+
+UNET_DIR = "musetalkV15"
+VAE_DIR = "sd-vae"
+WHISPER_DIR = "whisper"
+BISENET_FILE = Path("face-parse-bisent") / "79999_iter.pth"
+
+
+def default_dest(tiny: bool = False) -> Path:
+    """Where the benchmarks cache their random models: ``~/.cache/musetalk-worker/bench-models[-tiny]``."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "musetalk-worker" / ("bench-models-tiny" if tiny else "bench-models")
+
+
+def build_models(dest: Path, *, tiny: bool = False, with_dwpose: bool = False, seed: int = 0) -> Path:
+    """Writes the random models into ``dest`` (standard layout) and returns it.
+
+    Deterministic for a given ``seed``. Files already there are kept.
+
+    Raises:
+        ValueError: ``dest`` holds a build of the other size or seed.
+    """
+    dest = Path(dest).expanduser().resolve()
+    variant = {"variant": "tiny" if tiny else "real-architecture", "seed": seed, "random_weights": True}
+    marker = dest / MARKER
+    if marker.exists():
+        found = json.loads(marker.read_text())
+        if {k: found.get(k) for k in variant} != variant:
+            raise ValueError(f"{dest} holds random models {found}, not {variant}; choose another --dest")
+    dest.mkdir(parents=True, exist_ok=True)
+    _write_unet(dest, {**UNET_CONFIG, **(_TINY_UNET if tiny else {})}, seed)
+    _write_vae(dest, {**VAE_CONFIG, **(_TINY_VAE if tiny else {})}, seed)
+    _write_whisper(dest, {**WHISPER_CONFIG, **(_TINY_WHISPER if tiny else {})}, seed)
+    _write_bisenet(dest, seed)
+    if with_dwpose:
+        _write_s3fd(dest, seed)
+        _write_dwpose(dest, seed)
+    marker.write_text(json.dumps(variant, indent=1) + "\n")
+    return dest
+
+
+def random_state(shapes: Dict[str, torch.Size], seed: int) -> Dict[str, torch.Tensor]:
+    """Random tensors for a state dict's ``shapes``, each seeded from ``seed`` and its own name.
+
+    Matrices and kernels get N(0, 1/fan_in), which keeps activations near unit
+    scale layer after layer; vectors named ``weight`` (the norms' scales) are 1
+    and the rest (biases) N(0, 0.01).
+    """
+    generator = torch.Generator()
+    state = {}
+    for name, shape in shapes.items():
+        # Seeding per tensor makes each value independent of the order of the others.
+        generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        tensor = torch.empty(shape)
+        if len(shape) >= 2:
+            fan_in = tensor[0].numel()
+            tensor.normal_(0.0, fan_in**-0.5, generator=generator)
+        elif name.endswith("weight"):
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, 0.01, generator=generator)
+        state[name] = tensor
+    return state
+
+
+def _write_unet(dest: Path, config: Dict[str, object], seed: int) -> None:
+    from diffusers import UNet2DConditionModel
+
+    folder = dest / UNET_DIR
+    folder.mkdir(exist_ok=True)
+    if not (folder / "musetalk.json").exists():
+        _atomic_write(folder / "musetalk.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    if (folder / "unet.pth").exists():
+        return
+    # The meta device gives the shapes without initialising 850 M parameters.
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in UNet2DConditionModel.from_config(config).state_dict().items()}
+    state = random_state(shapes, seed)
+    logger.info("UNet: %.1f M parameters", sum(t.numel() for t in state.values()) / 1e6)
+    _atomic_write(folder / "unet.pth", lambda p: torch.save(state, p))
+
+
+def _write_vae(dest: Path, config: Dict[str, object], seed: int) -> None:
+    from diffusers import AutoencoderKL
+
+    if (dest / VAE_DIR / "config.json").exists():
+        return
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**config)
+    _atomic_dir(dest / VAE_DIR, vae.save_pretrained)
+
+
+def _write_whisper(dest: Path, config: Dict[str, object], seed: int) -> None:
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    if (dest / WHISPER_DIR / "config.json").exists():
+        return
+    torch.manual_seed(seed)
+    model = WhisperModel(WhisperConfig(**config))
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        WhisperFeatureExtractor(feature_size=config["num_mel_bins"]).save_pretrained(folder)
+
+    _atomic_dir(dest / WHISPER_DIR, save)
+
+
+def _write_bisenet(dest: Path, seed: int) -> None:
+    from musetalk_worker.bisenet import BiSeNet, _OutputHead
+
+    if (dest / BISENET_FILE).exists():
+        return
+    torch.manual_seed(seed)
+    state = BiSeNet().state_dict()
+    # The published checkpoint also holds the two training-only heads (on the
+    # 1/16 and 1/32 context features) that the loader drops: keep the file's shape.
+    for head in ("conv_out16", "conv_out32"):
+        for key, value in _OutputHead(128, 64, 19).state_dict().items():
+            state[f"{head}.{key}"] = value
+    (dest / BISENET_FILE).parent.mkdir(exist_ok=True)
+    _atomic_write(dest / BISENET_FILE, lambda p: torch.save(state, p))
+
+
+def _write_s3fd(dest: Path, seed: int) -> None:
+    from musetalk_worker.faces import S3FD_WEIGHTS
+    from musetalk_worker.faces.s3fd import S3FD
+
+    if (dest / S3FD_WEIGHTS).exists():
+        return
+    torch.manual_seed(seed)
+    state = S3FD().state_dict()
+    # Heads that ignore the image: background on every level but the coarsest,
+    # where the first anchor is a face. The body still runs in full.
+    for key, value in state.items():
+        if "_mbox_" in key:
+            value.zero_()
+            if "_mbox_conf" in key and key.endswith(".bias"):
+                value[:-1] = 10.0
+    state["conv7_2_mbox_conf.bias"][:] = torch.tensor([0.0, 10.0])
+    (dest / S3FD_WEIGHTS).parent.mkdir(exist_ok=True)
+    _atomic_write(dest / S3FD_WEIGHTS, lambda p: torch.save(state, p))
+
+
+def _write_dwpose(dest: Path, seed: int) -> None:
+    from musetalk_worker.faces import DWPOSE_WEIGHTS
+    from musetalk_worker.faces.dwpose import build_pose_model
+
+    if (dest / DWPOSE_WEIGHTS).exists():
+        return
+    torch.manual_seed(seed)
+    model = build_pose_model(None)
+    # The real file's layout: weights plus the dataset metadata.
+    checkpoint = {"state_dict": model.state_dict(), "meta": {"dataset_meta": model.dataset_meta}}
+    (dest / DWPOSE_WEIGHTS).parent.mkdir(exist_ok=True)
+    _atomic_write(dest / DWPOSE_WEIGHTS, lambda p: torch.save(checkpoint, p))
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
+    logger.info("wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+
+
+def _atomic_dir(folder: Path, save: Callable[[Path], None]) -> None:
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    logger.info("wrote %s/", folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dest", type=Path, help="models folder to fill (default ~/.cache/musetalk-worker/bench-models"
+                        "[-tiny])")
+    parser.add_argument("--tiny", action="store_true", help="shrunk UNet and VAE (for tests), not the real sizes")
+    parser.add_argument("--with-dwpose", action="store_true", help="add S3FD + DWPose checkpoints (needs mmpose)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dest = build_models(args.dest or default_dest(args.tiny), tiny=args.tiny, with_dwpose=args.with_dwpose,
+                        seed=args.seed)
+    print(dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
