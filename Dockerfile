@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1.7
-# MuseTalk lip-sync worker for RunPod serverless. Build, push and arguments: docs/image.md.
+# MuseTalk lip-sync worker for RunPod serverless. Build, push and arguments: README.md (The image).
 #
 # Stages:
 #   weights  every file of weights.lock.json, downloaded and SHA-256-checked. It sees
@@ -27,7 +27,7 @@ COPY builder/ builder/
 ARG WEIGHT_COMPONENTS=default
 # 1: store the UNet as musetalkV15/unet.safetensors (recorded hash) instead of unet.pth.
 ARG CONVERT_UNET=0
-# Mirrors for mirrored or air-gapped builds (see docs/image.md).
+# Mirrors for mirrored or air-gapped builds (see README.md (The image)).
 ARG HF_ENDPOINT=https://huggingface.co
 ARG WEIGHTS_URL_MIRROR=
 # A token, only for a private mirror: docker build --secret id=hf_token,src=FILE. It is

@@ -110,7 +110,7 @@ class HashMismatch(FetchError):
         super().__init__(
             f"{path}: SHA-256 mismatch for the bytes from {url}: expected {expected}, got {actual}. "
             "The download was deleted. The source serves other bytes than the lock pins: check the "
-            "mirror, or if upstream replaced the file on purpose, update its pin (docs/image.md)."
+            "mirror, or if upstream replaced the file on purpose, update its pin (README.md (The image))."
         )
         self.expected = expected
         self.actual = actual
@@ -301,7 +301,7 @@ def _stream(response: http.client.HTTPResponse, out: BinaryIO, digest: hashlib._
             part.unlink()
             raise FetchError(
                 f"{wf.path}: {url} sent more than the locked {wf.size} bytes; the download was deleted. "
-                "The source serves another file: check the mirror or update the pin (docs/image.md)."
+                "The source serves another file: check the mirror or update the pin (README.md (The image))."
             )
         out.write(chunk)
         digest.update(chunk)
@@ -394,12 +394,12 @@ def _resolve_hf(wf: WeightFile, src: HFSource, options: FetchOptions) -> _Target
     if meta.etag and len(meta.etag) == 64 and meta.etag != wf.sha256:
         raise FetchError(
             f"{wf.path}: the Hub reports SHA-256 {meta.etag} for {src.describe()}, the lock expects "
-            f"{wf.sha256}; nothing was downloaded. Fix the pin (docs/image.md) or the mirror."
+            f"{wf.sha256}; nothing was downloaded. Fix the pin (README.md (The image)) or the mirror."
         )
     if meta.size is not None and meta.size != wf.size:
         raise FetchError(
             f"{wf.path}: the Hub reports {meta.size} bytes for {src.describe()}, the lock expects {wf.size}; "
-            "nothing was downloaded. Fix the pin (docs/image.md) or the mirror."
+            "nothing was downloaded. Fix the pin (README.md (The image)) or the mirror."
         )
     headers = build_hf_headers()
     if _origin(meta.location) != _origin(url):

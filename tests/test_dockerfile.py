@@ -1,4 +1,4 @@
-"""The Dockerfile: hadolint finds nothing, and the stages keep the promises docs/image.md makes.
+"""The Dockerfile: hadolint finds nothing, and the stages keep the promises README.md (The image) makes.
 
 Docker itself cannot run here, so these check what can be checked without it:
 the lint, the files each stage copies, and that the weights stage's few files
