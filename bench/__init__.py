@@ -62,6 +62,26 @@ def run_child(argv: Sequence[str], timeout_s: float | None = None) -> ChildRun:
     return ChildRun(child.returncode, time.perf_counter() - started, usage.ru_maxrss * 1024)
 
 
+def proc_status_bytes(field: str) -> int:
+    """A memory figure of this process from ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in bytes; 0 if absent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Restarts this process's peak-RSS count (``VmHWM``) from its current RSS; False where Linux does not allow it.
+
+    Lets a child tell the peak of its job from the peak of loading its models.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def machine() -> Dict[str, object]:
     """The host: CPU model, core counts, memory, OS (the GPU is named by the process that uses it)."""
     cpu = platform.processor() or platform.machine()

@@ -55,7 +55,8 @@ def make_video(path: Path, *, width: int, height: int, seconds: float, fps: floa
     period_x, period_y = _PAN_PERIODS_S
     video_filter = (
         f"scale={scaled_width}:{scaled_height}:flags=lanczos,"
-        f"crop={width}:{height}:x='{x0:.1f}+{amp_x}*sin(2*PI*t/{period_x})':y='{y0:.1f}+{amp_y}*sin(2*PI*t/{period_y})',"
+        f"crop={width}:{height}:"
+        f"x='{x0:.1f}+{amp_x}*sin(2*PI*t/{period_x})':y='{y0:.1f}+{amp_y}*sin(2*PI*t/{period_y})',"
         "setsar=1"
     )
     _ffmpeg(

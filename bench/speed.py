@@ -1,0 +1,334 @@
+"""Speed of the lip-sync engine per stage and end to end, for several dtypes and batch sizes.
+
+Runs one job per configuration (dtype x batch size), each in a fresh process so
+that its peak memory is its own, and prints markdown tables: per stage the
+seconds and frames per second; end to end the frames per second, the real-time
+factor, model loading, peak host RSS and peak GPU memory. The models are, by
+default, random weights of the real architectures (:mod:`bench.random_models`,
+built once into ``~/.cache/musetalk-worker/bench-models``); the media a
+synthetic face video and speech (:mod:`bench.media`)::
+
+    python -m bench.speed --device cpu --dtypes fp32 --batch-sizes 1,4 --width 256 --height 256 --seconds 2 --fps 5
+    python -m bench.speed --device cuda --dtypes fp32,fp16 --batch-sizes 4,8,16 --width 704 --height 1216 \\
+        --seconds 10 --fps 25 --landmarks dwpose --json speed.json
+
+fp16 on the CPU is refused by the engine; that row reads "n/a (fp16 needs a
+GPU)". With ``--repeat-with-cache`` each configuration runs its job twice with
+one avatar cache folder: the first run prepares and caches the source, the
+second reuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from . import MIB, ChildRun, describe_machine, machine, proc_status_bytes, run_child
+
+logger = logging.getLogger("bench.speed")
+
+# (timing key, label, which frames it processes: source frames or output frames).
+STAGES = (
+    ("decode", "decode (probe, audio, video frames)", "source"),
+    ("faces", "faces: detection + landmarks", "source"),
+    ("masks", "masks: face parsing (BiSeNet)", "source"),
+    ("latents", "latents: VAE encode", "source"),
+    ("audio", "audio: Whisper encoder", "output"),
+    ("unet", "UNet", "output"),
+    ("vae_decode", "VAE decode", "output"),
+    ("blend", "blend", "output"),
+    ("encode", "encode (libx264)", "output"),
+    ("cache", "avatar cache (hash, save, load)", "source"),
+)
+FP16_REFUSED = "n/a (fp16 needs a GPU)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One measured configuration, as handed to the child process."""
+
+    models: str
+    source: str
+    audio: str
+    device: str
+    dtype: str
+    batch_size: int
+    landmarks: str
+    threads: Optional[int]
+    repeat_with_cache: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.dtype} b{self.batch_size}"
+
+
+def run_one(config: Config) -> Dict[str, object]:
+    """Loads the engine and runs the job (twice with an avatar cache); the child's side of a measurement."""
+    import torch
+
+    from musetalk_worker import EngineOptions, ErrorCode, LipSyncError
+    from musetalk_worker.pipeline import LipSyncPipeline
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    fp16 = config.dtype == "fp16"
+    report: Dict[str, object] = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory(prefix="bench-speed-") as scratch:
+        cache_dir = Path(scratch) / "avatar-cache" if config.repeat_with_cache else None
+        try:
+            started = time.perf_counter()
+            pipe = LipSyncPipeline.from_models(Path(config.models), device=config.device, fp16=fp16,
+                                               landmarks=config.landmarks, cache_dir=cache_dir)
+            report["load_s"] = time.perf_counter() - started
+            options = EngineOptions(batch_size=config.batch_size, fp16=fp16)
+            started = time.perf_counter()
+            pipe.warm_up(options)
+            report["warm_up_s"] = time.perf_counter() - started
+        except LipSyncError as error:
+            # The engine's own refusal (fp16 on the CPU) is a result, not a failure.
+            if fp16 and error.code is ErrorCode.INVALID_INPUT and error.stage == "validate":
+                return {**report, "refused": str(error)}
+            raise
+        cuda = pipe.device.type == "cuda"
+        report["device"] = pipe.device.type
+        report["gpu"] = torch.cuda.get_device_name(pipe.device) if cuda else None
+        report["rss_after_load_mib"] = proc_status_bytes("VmRSS") / MIB
+        runs = []
+        for attempt in range(2 if config.repeat_with_cache else 1):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(pipe.device)
+            started = time.perf_counter()
+            result = pipe(Path(config.source), Path(config.audio), Path(scratch) / f"out{attempt}.mp4", options,
+                          progress=_progress_logger())
+            if cuda:
+                torch.cuda.synchronize(pipe.device)
+            runs.append({
+                "wall_s": time.perf_counter() - started,
+                "frames": result.frames,
+                "source_frames": result.source_frames,
+                "duration_s": result.duration_s,
+                "size": f"{result.width}x{result.height}",
+                "fps": result.fps,
+                "timings": result.timings,
+                "cache_hit": result.cache_hit,
+                "peak_gpu_mib": torch.cuda.max_memory_allocated(pipe.device) / MIB if cuda else None,
+            })
+        report["runs"] = runs
+    report["peak_rss_self_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB
+    return report
+
+
+def _progress_logger():
+    """A progress callback that logs about every tenth of a stage (CPU runs are long)."""
+    last: Dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        step = max(1, total // 10)
+        if done == total or done - last.get(stage, -step) >= step:
+            last[stage] = done
+            logger.info("%s %d/%d", stage, done, total)
+
+    return report
+
+
+def measure(config: Config, timeout_s: Optional[float]) -> Dict[str, object]:
+    """Runs ``config`` in a fresh process; its report plus peak RSS and exit code."""
+    with tempfile.TemporaryDirectory(prefix="bench-speed-result-") as scratch:
+        result_path = Path(scratch) / "result.json"
+        argv = [sys.executable, "-m", "bench.speed", "--run-one", json.dumps(dataclasses.asdict(config)),
+                "--result", str(result_path)]
+        logger.info("running %s", config.label)
+        child: ChildRun = run_child(argv, timeout_s)
+        report = json.loads(result_path.read_text()) if result_path.exists() else {}
+    report.update(label=config.label, dtype=config.dtype, batch_size=config.batch_size,
+                  exit_code=child.exit_code, process_wall_s=child.wall_s, peak_rss_mib=child.peak_rss_bytes / MIB)
+    return report
+
+
+def render(reports: Sequence[Dict[str, object]], header: Dict[str, object]) -> str:
+    """The markdown report: what was measured, then the per-stage and end-to-end tables."""
+    columns = []  # (heading, report, run)
+    for report in reports:
+        runs = report.get("runs") or [None]
+        for run in runs:
+            suffix = ""
+            if run is not None and run.get("cache_hit") is not None:
+                suffix = " (cache hit)" if run["cache_hit"] else " (cache miss)"
+            columns.append((f"{report['label']}{suffix}", report, run))
+    lines = [
+        "## MuseTalk engine speed",
+        "",
+        f"- machine: {header['machine']}",
+        f"- device: {header['device']}",
+        f"- models: {header['models']}",
+        f"- media: {header['media']}",
+        f"- face back-end: {header['landmarks']}",
+        "",
+        "### Per stage: seconds (frames per second)",
+        "",
+        "Prepare stages count source frames, generate stages output frames; `other` is the job's time outside "
+        "the timed stages.",
+        "",
+        "| stage | " + " | ".join(c[0] for c in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for key, label, counted in STAGES + (("other", "other (untimed)", "output"),):
+        if key == "cache" and not any(run and "cache" in run["timings"] for _, _, run in columns):
+            continue
+        cells = [_stage_cell(report, run, key, counted) for _, report, run in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "### End to end",
+        "",
+        "fps: output frames / job seconds; real-time factor: job seconds / audio seconds (below 1 is faster than "
+        "real time); peak RSS: the whole process (models included), largest of it and its ffmpeg children.",
+        "",
+        "| config | frames | job s | fps | real-time factor | load s | warm-up s | RSS after load MiB "
+        "| peak RSS MiB | peak GPU MiB |",
+        "| --- |" + " ---: |" * 9,
+    ]
+    for heading, report, run in columns:
+        lines.append(f"| {heading} | " + " | ".join(_end_to_end_cells(report, run)) + " |")
+    return "\n".join(lines)
+
+
+def _failure(report: Dict[str, object]) -> Optional[str]:
+    if "refused" in report:
+        return FP16_REFUSED if report["dtype"] == "fp16" else f"refused: {report['refused']}"
+    if report["exit_code"] != 0 or not report.get("runs"):
+        return f"failed (exit {report['exit_code']})"
+    return None
+
+
+def _stage_cell(report: Dict[str, object], run: Optional[Dict[str, object]], key: str, counted: str) -> str:
+    failure = _failure(report)
+    if failure:
+        return failure
+    timings = run["timings"]
+    if key == "other":
+        seconds = run["wall_s"] - sum(timings.values())
+    elif key in timings:
+        seconds = timings[key]
+    else:
+        return "" if key == "cache" else "—"
+    if key == "cache":
+        return f"{seconds:.2f} s"
+    frames = run["source_frames"] if counted == "source" else run["frames"]
+    rate = f"{frames / seconds:.2f}" if seconds > 0 else "∞"
+    return f"{seconds:.2f} s ({rate} fps)"
+
+
+def _end_to_end_cells(report: Dict[str, object], run: Optional[Dict[str, object]]) -> List[str]:
+    failure = _failure(report)
+    if failure:
+        return [failure] + [""] * 8
+    gpu = run["peak_gpu_mib"]
+    return [
+        str(run["frames"]),
+        f"{run['wall_s']:.2f}",
+        f"{run['frames'] / run['wall_s']:.2f}",
+        f"{run['wall_s'] / run['duration_s']:.2f}",
+        f"{report['load_s']:.2f}",
+        f"{report['warm_up_s']:.2f}",
+        f"{report['rss_after_load_mib']:.0f}",
+        f"{report['peak_rss_mib']:.0f}",
+        "—" if gpu is None else f"{gpu:.0f}",
+    ]
+
+
+def _csv(kind: type, text: str) -> List:
+    return [kind(part) for part in text.split(",") if part.strip()]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path,
+                        help="models folder to use as is (default: random real-architecture models, built once)")
+    parser.add_argument("--tiny", action="store_true", help="random models of shrunk sizes (for tests)")
+    parser.add_argument("--source", type=Path, help="face video or image (default: synthetic, see --width...)")
+    parser.add_argument("--audio", type=Path, help="speech (default: synthetic, as long as --seconds)")
+    parser.add_argument("--width", type=int, default=256, help="synthetic video width (default 256)")
+    parser.add_argument("--height", type=int, default=256, help="synthetic video height (default 256)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="synthetic media length (default 2)")
+    parser.add_argument("--fps", type=float, default=25.0, help="synthetic video frame rate (default 25)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--dtypes", type=lambda s: _csv(str, s), default=["fp32", "fp16"],
+                        help="comma-separated, from fp32,fp16 (default both)")
+    parser.add_argument("--batch-sizes", type=lambda s: _csv(int, s), default=[4, 8, 16],
+                        help="comma-separated (default 4,8,16)")
+    parser.add_argument("--landmarks", default="dlib", choices=("dlib", "dwpose"),
+                        help="face back-end (dwpose adds random S3FD + DWPose to random models)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeat-with-cache", action="store_true",
+                        help="run each job twice with one avatar cache folder (miss, then hit)")
+    parser.add_argument("--timeout", type=float, help="seconds allowed per configuration")
+    parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    if args.run_one:
+        report = run_one(Config(**json.loads(args.run_one)))
+        args.result.write_text(json.dumps(report))
+        return 0
+    if (args.source is None) != (args.audio is None):
+        parser.error("give both --source and --audio, or neither (synthetic media)")
+    unknown = sorted(set(args.dtypes) - {"fp32", "fp16"})
+    if unknown:
+        parser.error(f"unknown dtype(s) {', '.join(unknown)}: use fp32, fp16")
+    host = machine()
+    with tempfile.TemporaryDirectory(prefix="bench-speed-media-") as scratch:
+        models, models_text = _models(args)
+        if args.source is None:
+            from .media import make_job_media
+
+            source, audio = make_job_media(Path(scratch), width=args.width, height=args.height,
+                                           seconds=args.seconds, fps=args.fps)
+            media_text = f"synthetic face video {args.width}x{args.height}, {args.fps:g} fps, {args.seconds:g} s; " \
+                         f"speech {args.seconds:g} s (bench/media.py)"
+        else:
+            source, audio = args.source.resolve(), args.audio.resolve()
+            media_text = f"{source} + {audio}"
+        reports = []
+        for dtype in args.dtypes:
+            for batch_size in args.batch_sizes:
+                config = Config(str(models), str(source), str(audio), args.device, dtype, batch_size,
+                                args.landmarks, args.threads, args.repeat_with_cache)
+                reports.append(measure(config, args.timeout))
+    device = next((r for r in reports if r.get("device")), {})
+    device_text = device.get("gpu") or device.get("device") or args.device
+    if device.get("threads"):
+        device_text += f" (torch {device['torch']}, {device['threads']} CPU threads)"
+    header = {"machine": describe_machine(host), "device": device_text, "models": models_text, "media": media_text,
+              "landmarks": args.landmarks}
+    print(render(reports, header))
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "machine": host, "reports": reports}, indent=1) + "\n")
+    failed = [r["label"] for r in reports if r["exit_code"] != 0]
+    if failed:
+        logger.error("failed: %s", ", ".join(failed))
+    return 1 if failed else 0
+
+
+def _models(args: argparse.Namespace) -> tuple:
+    if args.models is not None:
+        return args.models.resolve(), str(args.models.resolve())
+    from .random_models import build_models, default_dest
+
+    dest = build_models(default_dest(args.tiny), tiny=args.tiny, with_dwpose=args.landmarks == "dwpose")
+    kind = "shrunk (--tiny)" if args.tiny else "real architectures (UNet 849.9 M parameters)"
+    return dest, f"random weights, {kind}, {dest}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Smoke tests of the benchmark scripts: random models, synthetic media, speed.py end to end (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from bench.media import make_job_media, make_video
+from bench.random_models import UNET_CONFIG, build_models, random_state
+from bench.speed import FP16_REFUSED, STAGES
+from conftest import ROOT, ffprobe
+from musetalk_worker import models
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    return build_models(tmp_path_factory.mktemp("bench-models"), tiny=True)
+
+
+def test_tiny_models_load_with_the_engine_loaders(tiny_models):
+    cpu = torch.device("cpu")
+    unet = models.load_unet(tiny_models, "v15", cpu, torch.float32)
+    assert unet.config.in_channels == 8 and unet.config.cross_attention_dim == 384
+    assert models.load_vae(tiny_models, cpu, torch.float32).config.scaling_factor == 0.18215
+    encoder = models.load_audio_encoder(tiny_models, cpu)
+    assert encoder.encoder.config.encoder_layers == 4 and encoder.extractor.feature_size == 80
+    models.load_face_parser(tiny_models, cpu)
+    # Like the published file, the parser's checkpoint holds the auxiliary heads the loader drops.
+    state = torch.load(tiny_models / models.FACE_PARSING_WEIGHTS, weights_only=True)
+    assert state["conv_out16.conv.conv.weight"].shape == (64, 128, 3, 3)
+    assert state["conv_out32.conv_out.weight"].shape == (19, 64, 1, 1)
+
+
+def test_models_are_cached_and_a_build_of_another_size_is_refused(tiny_models):
+    unet_file = tiny_models / "musetalkV15" / "unet.pth"
+    before = unet_file.stat().st_mtime_ns
+    build_models(tiny_models, tiny=True)
+    assert unet_file.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="random models"):
+        build_models(tiny_models, tiny=False)
+
+
+def test_real_unet_config_has_musetalks_size_and_values_are_seeded():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNET_CONFIG)
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 849.9
+    shapes = {"a.weight": torch.Size([64, 32, 3, 3]), "a.bias": torch.Size([64]), "norm.weight": torch.Size([64])}
+    first, other = random_state(shapes, 0), random_state(shapes, 1)
+    again = random_state(dict(reversed(shapes.items())), 0)
+    assert all(torch.equal(first[k], again[k]) for k in shapes)
+    assert not torch.equal(first["a.weight"], other["a.weight"])
+    assert abs(first["a.weight"].std().item() - (32 * 9) ** -0.5) < 0.005
+    assert torch.equal(first["norm.weight"], torch.ones(64))
+
+
+def test_media_has_the_requested_size_rate_and_length(tmp_path, media_dir):
+    video, speech = make_job_media(tmp_path, width=96, height=160, seconds=1.2, fps=10)
+    (stream,) = ffprobe(video)["streams"]
+    assert (stream["width"], stream["height"], stream["r_frame_rate"]) == (96, 160, "10/1")
+    assert int(stream["nb_read_frames"]) == 12
+    (audio,) = ffprobe(speech)["streams"]
+    assert (int(audio["sample_rate"]), audio["channels"]) == (16000, 1)
+    assert abs(float(audio["duration"]) - 1.2) < 0.001
+    # The pan makes consecutive frames differ.
+    capture = cv2.VideoCapture(str(video))
+    first, second = capture.read()[1], capture.read()[1]
+    capture.release()
+    assert (first != second).any()
+    with pytest.raises(ValueError, match="even"):
+        make_video(tmp_path / "odd.mp4", width=95, height=160, seconds=1, fps=10)
+
+
+def test_speed_runs_end_to_end_and_reports_every_stage(tiny_models, tmp_path, media_dir):
+    out = tmp_path / "speed.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.speed", "--models", str(tiny_models), "--device", "cpu", "--dtypes", "fp32,fp16",
+         "--batch-sizes", "4", "--width", "128", "--height", "128", "--seconds", "0.5", "--fps", "10",
+         "--threads", "1", "--repeat-with-cache", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout
+    for _, label, _ in STAGES:
+        assert f"| {label} |" in table
+    assert "fp32 b4 (cache miss)" in table and "fp32 b4 (cache hit)" in table
+    assert FP16_REFUSED in table
+    assert "logical cores" in table
+    fp32, fp16 = json.loads(out.read_text())["reports"]
+    assert "refused" in fp16
+    miss, hit = fp32["runs"]
+    assert (miss["cache_hit"], hit["cache_hit"]) == (False, True)
+    assert miss["frames"] == 5 and {"unet", "vae_decode", "faces", "masks", "latents"} <= set(miss["timings"])
+    assert "faces" not in hit["timings"]
+    assert fp32["peak_rss_mib"] > fp32["rss_after_load_mib"] > 0
