@@ -29,6 +29,7 @@ class VideoEncoder:
 
     def __init__(self, output: Path, width: int, height: int, fps: Fraction, audio: Path, crf: int = 18):
         self.output = Path(output)
+        self.output.parent.mkdir(parents=True, exist_ok=True)
         self._frame_shape = (height, width, 3)
         self._stderr = tempfile.TemporaryFile()
         cmd = [
@@ -77,7 +78,8 @@ class VideoEncoder:
         self._proc.kill()
         self._proc.wait()
         self._stderr.close()
-        self.output.unlink(missing_ok=True)
+        if self.output.is_file():
+            self.output.unlink()
 
     def __enter__(self) -> "VideoEncoder":
         return self

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import queue
 import tempfile
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -370,29 +372,24 @@ class LipSyncPipeline:
         timer: _StageTimer,
         report: Progress,
     ) -> None:
-        """Second pass: generate, blend and encode every output frame in order."""
+        """Second pass: generate every output frame in order; blending and encoding overlap it."""
         total = len(prompts)
-        for start in range(0, total, options.batch_size):
-            stop = min(start + options.batch_size, total)
-            sources = [_ping_pong(i, len(store)) for i in range(start, stop)]
-            with_face = [k for k, j in enumerate(sources) if store.box(j) is not None]
-            faces: Dict[int, np.ndarray] = {}
-            if with_face:
-                with timer("audio"):
-                    audio = prompts[start:stop][with_face]
-                latents = torch.stack([store.latent(sources[k]) for k in with_face])
-                with timer("unet"):
-                    predicted = generator.predict_latents(latents, audio)
-                with timer("vae_decode"):
-                    faces = dict(zip(with_face, generator.decode(predicted)))
-            for k, j in enumerate(sources):
-                frame = store.frame(j)
-                if k in faces:
-                    with timer("blend"):
-                        frame = blend_face(frame, faces[k], store.mask(j))
-                with timer("encode"):
-                    encoder.write(frame)
-            report("generate", stop, total)
+        with _BlendWriter(store, encoder, timer) as writer:
+            for start in range(0, total, options.batch_size):
+                stop = min(start + options.batch_size, total)
+                sources = [_ping_pong(i, len(store)) for i in range(start, stop)]
+                with_face = [k for k, j in enumerate(sources) if store.box(j) is not None]
+                faces: Dict[int, np.ndarray] = {}
+                if with_face:
+                    with timer("audio"):
+                        audio = prompts[start:stop][with_face]
+                    latents = torch.stack([store.latent(sources[k]) for k in with_face])
+                    with timer("unet"):
+                        predicted = generator.predict_latents(latents, audio)
+                    with timer("vae_decode"):
+                        faces = dict(zip(with_face, generator.decode(predicted)))
+                writer.put(sources, faces)
+                report("generate", stop, total)
 
     def _generator(self, options: EngineOptions) -> FaceGenerator:
         dtype = self._half_dtype() if options.fp16 else torch.float32
@@ -417,6 +414,59 @@ class LipSyncPipeline:
             self._unets[(version, dtype)] = load_unet(self.models_dir, version, self.device, dtype)
             self._vae(dtype)
         return self._unets[(version, dtype)]
+
+
+class _BlendWriter:
+    """Blends generated faces into their source frames and feeds the encoder, on a thread of its own.
+
+    The UNet and VAE (on the GPU) then compute the next batch while this batch
+    is blended and encoded (on the CPU). The queue is short, so memory stays
+    bounded, and it is first in, first out, so frames keep their order. A
+    failure here is raised in the generating thread at its next ``put``.
+    """
+
+    def __init__(self, store: SourceStore, encoder: VideoEncoder, timer: _StageTimer, depth: int = 2):
+        self._store, self._encoder, self._timer = store, encoder, timer
+        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="blend-encode", daemon=True)
+        self._thread.start()
+
+    def put(self, sources: List[int], faces: Dict[int, np.ndarray]) -> None:
+        """Queues one batch: source frame indices and the generated face of each position that has one."""
+        self._raise_failure()
+        self._queue.put((sources, faces))
+
+    def __enter__(self) -> "_BlendWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None:
+            self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so the generating thread never blocks on a full queue
+            try:
+                self._write(*item)
+            except BaseException as error:  # noqa: BLE001 - handed to the generating thread
+                self._error = error
+
+    def _write(self, sources: List[int], faces: Dict[int, np.ndarray]) -> None:
+        for k, j in enumerate(sources):
+            frame = self._store.frame(j)
+            if k in faces:
+                with self._timer("blend"):
+                    frame = blend_face(frame, faces[k], self._store.mask(j))
+            with self._timer("encode"):
+                self._encoder.write(frame)
 
 
 def _probe_inputs(source: Path, audio: Path) -> Tuple[MediaInfo, MediaInfo]:

@@ -163,6 +163,14 @@ def test_a_source_without_any_face_is_an_error(pipeline, clips, tmp_path):
     assert not (tmp_path / "never.mp4").exists()
 
 
+def test_an_encoder_failure_reaches_the_caller(pipeline, clips, media_dir, tmp_path):
+    # ffmpeg cannot write to a folder: the blend/encode thread fails and the job must say so, not hang.
+    with pytest.raises(LipSyncError) as caught:
+        pipeline(media_dir / "yongen.jpeg", clips["speech05s"], tmp_path, EngineOptions(batch_size=2))
+    assert caught.value.code == ErrorCode.INTERNAL and "ffmpeg failed to encode" in str(caught.value)
+    assert tmp_path.is_dir()
+
+
 @pytest.mark.parametrize("which", ["audio_as_source", "not_media"])
 def test_bad_media_is_a_clear_error(pipeline, clips, tmp_path, which):
     if which == "audio_as_source":
