@@ -194,3 +194,24 @@ def test_cli_reports_a_bad_input_in_one_line(fixture_models, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0
     assert "missing.mp4" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_version_1_loads_its_own_unet_and_defaults(fixture_models, clips, media_dir, tmp_path):
+    # MuseTalk 1.0's layout: musetalk/musetalk.json + musetalk/pytorch_model.bin (the fixture's UNet stands in).
+    models = tmp_path / "models"
+    models.mkdir()
+    for part in fixture_models.iterdir():
+        (models / part.name).symlink_to(part)
+    (models / "musetalk").mkdir()
+    (models / "musetalk" / "musetalk.json").symlink_to(fixture_models / "musetalkV15" / "musetalk.json")
+    (models / "musetalk" / "pytorch_model.bin").symlink_to(fixture_models / "musetalkV15" / "unet.pth")
+    resolved = EngineOptions(version="v1").resolved()
+    assert (resolved.extra_margin, resolved.parsing_mode) == (0, "raw")
+
+    pipe = LipSyncPipeline.from_models(models, device="cpu", landmarks="dlib", versions=("v1",))
+    out = tmp_path / "v1.mp4"
+    result = pipe(media_dir / "yongen.jpeg", clips["speech05s"], out, EngineOptions(version="v1", bbox_shift=-5))
+    assert result.frames == 12 and int(_streams(out)["video"]["nb_read_frames"]) == 12
+    with pytest.raises(LipSyncError) as caught:
+        LipSyncPipeline.from_models(fixture_models, device="cpu", landmarks="dlib", versions=("v1",))
+    assert caught.value.code == ErrorCode.MODELS_MISSING and "musetalk/" in str(caught.value)
