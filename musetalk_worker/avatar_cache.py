@@ -27,21 +27,13 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from .store import INDEX_FILE, CorruptStoreError, SourceStore
+from .weights import file_sha256
 
 logger = logging.getLogger(__name__)
 
 _TEMP_PREFIX = ".incoming-"
 # Bump when what a store holds, or how it is computed, changes.
 _KEY_VERSION = 1
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class AvatarCache:
