@@ -87,9 +87,11 @@ def test_real_video_two_seconds(pipeline, clips, tmp_path):
     difference = np.abs(output[10].astype(int) - source[10].astype(int)).max(axis=2)
     x1, y1, x2, y2 = box
     lower_face = difference[(y1 + y2) // 2 : y2, x1:x2]
-    assert lower_face.mean() > 10, "the mouth region should be replaced by the generated face"
     outside = np.ones_like(difference, bool)
     outside[sy1:sy2, sx1:sx2] = False
+    # Random weights make a noise mouth under a random mask: count clearly changed pixels, not their mean.
+    assert (lower_face > 25).mean() > 0.05, "the mouth region should be replaced by the generated face"
+    assert (difference[outside] > 25).mean() < 0.002
     # Outside the blend square only codec noise remains (two lossy encodes at crf 16-18).
     assert _psnr(output[10][outside], source[10][outside]) > 38
 
