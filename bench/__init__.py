@@ -82,6 +82,17 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def engine_version() -> str:
+    """The commit the engine runs from, and whether its files differ from it (others may be editing them)."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    changed = git("status", "--porcelain", "--", "musetalk_worker")
+    return f"{commit}{' + uncommitted changes in musetalk_worker/' if changed else ''}"
+
+
 def machine() -> Dict[str, object]:
     """The host: CPU model, core counts, memory, OS (the GPU is named by the process that uses it)."""
     cpu = platform.processor() or platform.machine()

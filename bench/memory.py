@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import FIXTURE_MODELS, MIB, describe_machine, machine, proc_status_bytes, reset_peak_rss, run_child
+from . import (FIXTURE_MODELS, MIB, describe_machine, engine_version, machine, proc_status_bytes, reset_peak_rss,
+               run_child)
 from .media import make_job_media
 
 logger = logging.getLogger("bench.memory")
@@ -48,11 +49,21 @@ def run_one(models: Path, source: Path, audio: Path, batch_size: int, threads: O
         "rss_after_load_mib": proc_status_bytes("VmRSS") / MIB,
         "job_peak_measured": reset_peak_rss(),
     }
+    # The job's running peak and current RSS after each batch of each pass: shows where
+    # the peak is reached and whether it creeps up as the job goes on.
+    trace: List[List[object]] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage in ("prepare", "generate") and done:
+            trace.append([stage, done, total, proc_status_bytes("VmHWM") / MIB, proc_status_bytes("VmRSS") / MIB])
+
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as scratch:
         started = time.perf_counter()
-        result = pipe(source, audio, Path(scratch) / "out.mp4", EngineOptions(batch_size=batch_size))
+        result = pipe(source, audio, Path(scratch) / "out.mp4", EngineOptions(batch_size=batch_size),
+                      progress=progress)
         report["job_s"] = time.perf_counter() - started
     report.update(
+        trace=trace,
         job_peak_rss_mib=proc_status_bytes("VmHWM") / MIB,
         frames=result.frames,
         source_frames=result.source_frames,
@@ -103,7 +114,31 @@ def render(reports: List[Dict[str, object]], header: Dict[str, str], verdict: st
             f"| {r['job_peak_rss_mib']:.0f} | {r['rss_after_load_mib']:.0f} | {r['job_s']:.1f} "
             f"| {r['process_wall_s']:.1f} |"
         )
+    lines += [
+        "",
+        "Running peak RSS of the job, MiB (current RSS in brackets), after the first pass (prepare every source "
+        "frame) and through the second (generate):",
+        "",
+        "| media s | prepare done | " + " | ".join(f"generate {q}%" for q in _QUARTERS) + " |",
+        "| ---: |" + " ---: |" * (1 + len(_QUARTERS)),
+    ]
+    for r in reports:
+        if r["exit_code"] == 0:
+            lines.append(f"| {r['seconds']:g} | " + " | ".join(_trace_cells(r["trace"])) + " |")
     return "\n".join(lines + ["", verdict])
+
+
+_QUARTERS = (25, 50, 75, 100)
+
+
+def _trace_cells(trace: List[List[object]]) -> List[str]:
+    """The trace at the end of the prepare pass and at each quarter of the generate pass."""
+    prepared = [t for t in trace if t[0] == "prepare"]
+    generated = [t for t in trace if t[0] == "generate"]
+    points = [prepared[-1] if prepared else None]
+    for quarter in _QUARTERS:
+        points.append(next((t for t in generated if t[1] * 100 >= quarter * t[2]), None))
+    return ["—" if t is None else f"{t[3]:.0f} ({t[4]:.0f})" for t in points]
 
 
 def judge(short: Dict[str, object], long: Dict[str, object], tolerance_mib: float) -> tuple:
@@ -151,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"the short job has {short_frames} frames, fewer than one batch ({args.batch_size}); "
                      "raise --short or --fps, or lower --batch-size")
     args.models = args.models.resolve()
-    host = machine()
+    host, engine = machine(), engine_version()
     with tempfile.TemporaryDirectory(prefix="bench-memory-media-") as scratch:
         reports = [measure(seconds, args, Path(scratch)) for seconds in (args.short, args.long)]
     passed, verdict = judge(reports[0], reports[1], args.tolerance_mib)
@@ -161,7 +196,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "models": str(args.models),
         "media": f"synthetic face video {args.width}x{args.height} at {args.fps:g} fps + speech of the same length "
                  "(bench/media.py)",
-        "engine": f"CPU, {threads} torch threads, dlib landmarks, batch size {args.batch_size}, no avatar cache",
+        "engine": f"{engine}; CPU, {threads} torch threads, dlib landmarks, batch size {args.batch_size}, "
+                  "no avatar cache",
     }
     print(render(reports, header, verdict))
     if args.json:

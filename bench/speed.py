@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import MIB, ChildRun, describe_machine, machine, proc_status_bytes, run_child
+from . import MIB, ChildRun, describe_machine, engine_version, machine, proc_status_bytes, run_child
 
 logger = logging.getLogger("bench.speed")
 
@@ -171,16 +171,18 @@ def render(reports: Sequence[Dict[str, object]], header: Dict[str, object]) -> s
         f"- models: {header['models']}",
         f"- media: {header['media']}",
         f"- face back-end: {header['landmarks']}",
+        f"- engine: {header['engine']}",
         "",
         "### Per stage: seconds (frames per second)",
         "",
-        "Prepare stages count source frames, generate stages output frames; `other` is the job's time outside "
-        "the timed stages.",
+        "Prepare stages count source frames, generate stages output frames. Blending and encoding run on a "
+        "thread of their own, overlapping the UNet and VAE, so the stages can add up to more than the job: "
+        "the last row is the job's wall time minus their sum.",
         "",
         "| stage | " + " | ".join(c[0] for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),
     ]
-    for key, label, counted in STAGES + (("other", "other (untimed)", "output"),):
+    for key, label, counted in STAGES + (("other", "job minus the stages' sum", "output"),):
         if key == "cache" and not any(run and "cache" in run["timings"] for _, _, run in columns):
             continue
         cells = [_stage_cell(report, run, key, counted) for _, report, run in columns]
@@ -220,7 +222,7 @@ def _stage_cell(report: Dict[str, object], run: Optional[Dict[str, object]], key
         seconds = timings[key]
     else:
         return "" if key == "cache" else "—"
-    if key == "cache":
+    if key in ("cache", "other"):
         return f"{seconds:.2f} s"
     frames = run["source_frames"] if counted == "source" else run["frames"]
     rate = f"{frames / seconds:.2f}" if seconds > 0 else "∞"
@@ -286,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = sorted(set(args.dtypes) - {"fp32", "fp16"})
     if unknown:
         parser.error(f"unknown dtype(s) {', '.join(unknown)}: use fp32, fp16")
-    host = machine()
+    host, engine = machine(), engine_version()
     with tempfile.TemporaryDirectory(prefix="bench-speed-media-") as scratch:
         models, models_text = _models(args)
         if args.source is None:
@@ -310,7 +312,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.get("threads"):
         device_text += f" (torch {device['torch']}, {device['threads']} CPU threads)"
     header = {"machine": describe_machine(host), "device": device_text, "models": models_text, "media": media_text,
-              "landmarks": args.landmarks}
+              "landmarks": args.landmarks, "engine": engine}
     print(render(reports, header))
     if args.json:
         args.json.write_text(json.dumps({"header": header, "machine": host, "reports": reports}, indent=1) + "\n")
