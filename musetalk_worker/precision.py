@@ -7,27 +7,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class _Float64StatsGroupNorm(nn.GroupNorm):
-    """GroupNorm computed in float64, for float32 models on the CPU.
+class _ContiguousGroupNorm(nn.GroupNorm):
+    """GroupNorm that always runs PyTorch's NCHW kernel.
 
-    PyTorch's CPU group norm sums float32 statistics over whole feature maps;
-    on the VAE's 256x256 maps its output is off by ~1e-3 relative to an exact
-    computation (measured against float64), ten times the parity bound with
-    upstream. In float64 the error vanishes at a small cost in CPU time.
+    On the CPU, PyTorch 2.14's group norm for channels-last tensors is off by
+    ~1e-3 relative on the VAE's 256x256 maps (measured against float64; the
+    NCHW kernel is within 1e-6), ten times the parity bound with upstream.
+    Convolutions keep the memory format of their input, so a batch built from
+    HxWxC images runs channels-last through the whole network; one copy to
+    NCHW before each group norm costs about as much as the kernel it avoids.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.double()
-        bias = None if self.bias is None else self.bias.double()
-        return F.group_norm(x.double(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
 
 
 def precise_cpu_group_norm(model: nn.Module) -> nn.Module:
-    """Makes every GroupNorm of a float32 CPU model compute in float64; returns the model."""
+    """Makes every GroupNorm of a CPU model use the accurate NCHW kernel; returns the model."""
     param = next(model.parameters(), None)
-    if param is None or param.device.type != "cpu" or param.dtype != torch.float32:
+    if param is None or param.device.type != "cpu":
         return model
     for module in model.modules():
         if type(module) is nn.GroupNorm:
-            module.__class__ = _Float64StatsGroupNorm
+            module.__class__ = _ContiguousGroupNorm
     return model
