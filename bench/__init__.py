@@ -19,7 +19,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -38,14 +38,14 @@ class ChildRun:
     peak_rss_bytes: int
 
 
-def run_child(argv: Sequence[str], timeout_s: float | None = None) -> ChildRun:
-    """Runs ``argv`` from the project root and measures it with ``wait4``.
+def run_child(argv: Sequence[str], timeout_s: float | None = None, env: Mapping[str, str] | None = None) -> ChildRun:
+    """Runs ``argv`` from the project root (in ``env``, default this environment) and measures it with ``wait4``.
 
     ``wait4`` gives this one child's resource usage, where ``RUSAGE_CHILDREN``
     would give the maximum over every child this process has waited for.
     """
     started = time.perf_counter()
-    child = subprocess.Popen(list(argv), cwd=ROOT)
+    child = subprocess.Popen(list(argv), cwd=ROOT, env=None if env is None else dict(env))
     deadline = None if timeout_s is None else started + timeout_s
     while True:
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)

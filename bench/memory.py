@@ -13,6 +13,14 @@ exits 1 when a 60 s peak exceeds the 5 s one by more than the tolerance::
 The engine costs about a CPU second or two per output frame here, so the
 defaults (5 fps, 352x608) keep the 60 s job to 300 frames while the frame
 count still grows twelvefold.
+
+The jobs run with glibc's mmap threshold held at its usual start value. Left
+to move (glibc raises it after freeing large blocks), the heap keeps freed
+batch buffers, and the peak then depends on thread timing: the same 5 s job
+peaked anywhere from 1820 to 2153 MiB, which would drown any growth with
+length. With the threshold fixed, large buffers go back to the system when
+freed and the peak follows live memory (two runs: 1691 MiB both).
+``--malloc-mmap-threshold 0`` measures with glibc's default behaviour.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -80,8 +89,11 @@ def measure(seconds: float, args: argparse.Namespace, media_dir: Path) -> Dict[s
     job = {"models": str(args.models), "source": str(source), "audio": str(audio), "batch_size": args.batch_size,
            "threads": args.threads}
     logger.info("running the %g s job", seconds)
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     child = run_child([sys.executable, "-m", "bench.memory", "--run-one", json.dumps(job), "--result",
-                       str(result_path)])
+                       str(result_path)], env=env)
     report = json.loads(result_path.read_text()) if result_path.exists() else {}
     # The child restarts its peak count before the job, so wait4's figure may cover the job only:
     # the process's peak is the larger of it and the peak while loading.
@@ -100,6 +112,7 @@ def render(reports: List[Dict[str, object]], header: Dict[str, str], verdict: st
         f"- models: {header['models']}",
         f"- media: {header['media']}",
         f"- engine: {header['engine']}",
+        f"- allocator: {header['allocator']}",
         "",
         "| media s | output frames | source frames | peak RSS MiB (process) | peak RSS MiB (job) "
         "| RSS after load MiB | job s | process wall s |",
@@ -168,6 +181,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tolerance-mib", type=float, default=64.0,
                         help="allowed growth of the peak RSS from the short to the long job (default 64 MiB)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                        help="glibc's MALLOC_MMAP_THRESHOLD_ for the jobs (default 131072, its usual start value, "
+                             "held fixed); 0 leaves glibc's moving threshold, whose peaks vary from run to run")
     parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -198,6 +214,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "(bench/media.py)",
         "engine": f"{engine}; CPU, {threads} torch threads, dlib landmarks, batch size {args.batch_size}, "
                   "no avatar cache",
+        "allocator": (f"glibc malloc, MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} (fixed)"
+                      if args.malloc_mmap_threshold else "glibc malloc, default (moving) mmap threshold"),
     }
     print(render(reports, header, verdict))
     if args.json:
