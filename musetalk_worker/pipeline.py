@@ -38,7 +38,7 @@ from .errors import ErrorCode, LipSyncError
 from .faces import FaceAnalyzer, load_face_analyzer
 from .generate import FaceGenerator
 from .latents import LatentEncoder, crop_face
-from .masks import BlendMask, MaskMaker
+from .masks import MaskMaker
 from .models import FACE_PARSING_WEIGHTS, VAE_DIR, load_audio_encoder, load_face_parser, load_unet, load_vae
 from .options import EngineOptions
 from .store import SourceStore

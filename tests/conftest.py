@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Loopback HTTP and S3 (moto_server) fixtures, shared by the worker's tests.
+pytest_plugins = ["servers"]
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MEDIA = SHARED / "media"

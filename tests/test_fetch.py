@@ -16,7 +16,7 @@ from musetalk_worker.errors import ErrorCode, LipSyncError
 from musetalk_worker.fetch import S3Access, fetch_input, parse_input
 from musetalk_worker.options import WorkerSettings
 from musetalk_worker.schema import S3Credentials
-from servers import MOTO_KEY_ID, MOTO_SECRET, drop_connection, http_server, moto_s3, send_bytes  # noqa: F401
+from servers import MOTO_KEY_ID, MOTO_SECRET, drop_connection, send_bytes
 
 PAYLOAD = os.urandom(50_000)
 PRIVATE_OK = WorkerSettings(allow_private_urls=True)

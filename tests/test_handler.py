@@ -31,7 +31,7 @@ from runpod.serverless.modules.rp_job import run_job
 from conftest import ROOT, SHARED, ffprobe
 from musetalk_worker.options import WorkerSettings
 from musetalk_worker.worker import Worker
-from servers import FileServer, MOTO_KEY_ID, MOTO_SECRET, drop_connection, free_port, http_server, moto_s3  # noqa: F401
+from servers import FileServer, MOTO_KEY_ID, MOTO_SECRET, drop_connection, free_port
 
 JOB_KEY_ID = "AKIAJOBKEY0000000001"
 JOB_SECRET = "job-secret-access-key-never-to-be-seen-42"

@@ -17,7 +17,7 @@ from musetalk_worker.errors import ErrorCode, LipSyncError
 from musetalk_worker.options import WorkerSettings
 from musetalk_worker.schema import OutputSpec, S3Credentials
 from musetalk_worker.upload import deliver, plan_delivery, upload_video
-from servers import MOTO_KEY_ID, MOTO_SECRET, free_port, moto_s3  # noqa: F401
+from servers import MOTO_KEY_ID, MOTO_SECRET, free_port
 
 MIB = 1024 * 1024
 
