@@ -7,7 +7,9 @@ depends on a particular fixture: settings come from its parity.json.
 Bounds (CPU float32, from ../shared/parity/README.md): coords, bbox_cases and
 crops exact; whisper_chunks, latents and pred_latents max abs error <= 1e-4 x
 max abs value; faces within 1; blended frames PSNR >= 40 dB with nothing
-outside the blend region changed.
+outside the blend region changed. ``test_gpu_float16_path`` runs the chain on
+CUDA in float16 with the GPU bound instead (faces and blended frames >= 35 dB);
+it is skipped where there is no CUDA GPU.
 """
 
 from __future__ import annotations
@@ -182,3 +184,32 @@ def test_blending(fixture):
         outside = np.ones((height, width), bool)
         outside[ry1:ry2, rx1:rx2] = False
         np.testing.assert_array_equal(out[outside], frames[src][outside])
+
+
+@pytest.mark.gpu
+def test_gpu_float16_path(fixture):
+    """The whole chain on CUDA in float16 against the same arrays, with the looser GPU bound:
+    faces and blended frames PSNR >= 35 dB (the CPU float32 bounds above do not apply)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine: the float16 GPU path cannot run here")
+    a = fixture.arrays
+    models = fixture.folder / "models"
+    device = torch.device("cuda")
+    vae = load_vae(models, device, torch.float16)
+    generator = FaceGenerator(load_unet(models, fixture.version, device, torch.float16), vae)
+    latents = LatentEncoder(vae).encode(list(a["crops"]))
+    prompts = torch.from_numpy(a["whisper_chunks"])
+    index = [fixture.ping_pong(i) for i in range(len(prompts))]
+    faces = generator.decode(generator.predict_latents(latents[index], prompts))
+    for t, face in enumerate(faces):
+        psnr = _psnr(face, a["faces"][t])
+        assert psnr >= 35.0, f"GPU float16 face {t}: PSNR {psnr:.1f} dB < 35 dB"
+    options = fixture.options
+    parser = load_face_parser(models, device)
+    masks = MaskMaker(parser, options.parsing_mode, options.left_cheek_width, options.right_cheek_width).make(
+        list(a["frames"]), fixture.boxes_with_margin())
+    for t, face in enumerate(faces):
+        rx1, ry1, rx2, ry2 = (int(v) for v in a["blend_boxes"][t][:4])
+        out = blend_face(a["frames"][index[t]], face, masks[index[t]])
+        psnr = _psnr(out[ry1:ry2, rx1:rx2], a[f"blended_{t:03d}"])
+        assert psnr >= 35.0, f"GPU float16 blended frame {t}: PSNR {psnr:.1f} dB < 35 dB"
