@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import resource
 import sys
 import tempfile
@@ -120,6 +121,8 @@ def run_one(config: Config) -> Dict[str, object]:
                 "timings": result.timings,
                 "cache_hit": result.cache_hit,
                 "peak_gpu_mib": torch.cuda.max_memory_allocated(pipe.device) / MIB if cuda else None,
+                # Other work on the machine slows every stage; this shows when it did.
+                "load_average_1min": os.getloadavg()[0],
             })
         report["runs"] = runs
     report["peak_rss_self_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB
@@ -192,11 +195,13 @@ def render(reports: Sequence[Dict[str, object]], header: Dict[str, object]) -> s
         "### End to end",
         "",
         "fps: output frames / job seconds; real-time factor: job seconds / audio seconds (below 1 is faster than "
-        "real time); peak RSS: the whole process (models included), largest of it and its ffmpeg children.",
+        "real time); peak RSS: the whole process (models included), largest of it and its ffmpeg children; "
+        "load average after: the machine's 1-minute load when the job ended (above the torch threads: others "
+        "were using the CPU too).",
         "",
         "| config | frames | job s | fps | real-time factor | load s | warm-up s | RSS after load MiB "
-        "| peak RSS MiB | peak GPU MiB |",
-        "| --- |" + " ---: |" * 9,
+        "| peak RSS MiB | peak GPU MiB | load average after |",
+        "| --- |" + " ---: |" * 10,
     ]
     for heading, report, run in columns:
         lines.append(f"| {heading} | " + " | ".join(_end_to_end_cells(report, run)) + " |")
@@ -232,7 +237,7 @@ def _stage_cell(report: Dict[str, object], run: Optional[Dict[str, object]], key
 def _end_to_end_cells(report: Dict[str, object], run: Optional[Dict[str, object]]) -> List[str]:
     failure = _failure(report)
     if failure:
-        return [failure] + [""] * 8
+        return [failure] + [""] * 9
     gpu = run["peak_gpu_mib"]
     return [
         str(run["frames"]),
@@ -244,6 +249,7 @@ def _end_to_end_cells(report: Dict[str, object], run: Optional[Dict[str, object]
         f"{report['rss_after_load_mib']:.0f}",
         f"{report['peak_rss_mib']:.0f}",
         "—" if gpu is None else f"{gpu:.0f}",
+        f"{run['load_average_1min']:.2f}",
     ]
 
 
