@@ -15,12 +15,13 @@ defaults (5 fps, 352x608) keep the 60 s job to 300 frames while the frame
 count still grows twelvefold.
 
 The jobs run with glibc's mmap threshold held at its usual start value. Left
-to move (glibc raises it after freeing large blocks), the heap keeps freed
-batch buffers, and the peak then depends on thread timing: the same 5 s job
-peaked anywhere from 1820 to 2153 MiB, which would drown any growth with
-length. With the threshold fixed, large buffers go back to the system when
-freed and the peak follows live memory (two runs: 1691 MiB both).
-``--malloc-mmap-threshold 0`` measures with glibc's default behaviour.
+to move (glibc raises it after freeing large blocks), the heap keeps some
+freed batch buffers, so the peak says more about the allocator than about the
+data a job holds: measured here, the 5 s job peaked at 1820-1853 MiB and the
+60 s one 89 MiB above the 5 s one of the same run. With the threshold fixed,
+large buffers go back to the system when freed and the peak follows live
+memory (the 5 s job: 1691 MiB in three runs). ``--malloc-mmap-threshold 0``
+measures with glibc's default behaviour.
 """
 
 from __future__ import annotations
