@@ -13,13 +13,15 @@ peak memory is its own.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
 import os
 import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -60,6 +62,22 @@ def run_child(argv: Sequence[str], timeout_s: float | None = None, env: Mapping[
     child.returncode = os.waitstatus_to_exitcode(status)
     # Linux reports ru_maxrss in KiB.
     return ChildRun(child.returncode, time.perf_counter() - started, usage.ru_maxrss * 1024)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """Adds the options every benchmark script ends with, parses ``argv`` and sets up logging.
+
+    The options: ``--json`` (also write every figure as JSON there), and the
+    hidden ``--run-one`` (one job, as JSON) and ``--result`` (where to write
+    its report), by which a script runs a measured job in the fresh child
+    process that :func:`run_child` starts.
+    """
+    parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return args
 
 
 def proc_status_bytes(field: str) -> int:

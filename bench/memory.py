@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import (FIXTURE_MODELS, MIB, describe_machine, engine_version, machine, proc_status_bytes, reset_peak_rss,
-               run_child)
+from . import (FIXTURE_MODELS, MIB, describe_machine, engine_version, machine, parse_args, proc_status_bytes,
+               reset_peak_rss, run_child)
 from .media import make_job_media
 
 logger = logging.getLogger("bench.memory")
@@ -185,11 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--malloc-mmap-threshold", type=int, default=131072,
                         help="glibc's MALLOC_MMAP_THRESHOLD_ for the jobs (default 131072, its usual start value, "
                              "held fixed); 0 leaves glibc's moving threshold, whose peaks vary from run to run")
-    parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
-    parser.add_argument("--run-one", help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(parser, argv)
 
     if args.run_one:
         job = json.loads(args.run_one)

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import MIB, ChildRun, describe_machine, engine_version, machine, proc_status_bytes, run_child
+from . import MIB, ChildRun, describe_machine, engine_version, machine, parse_args, proc_status_bytes, run_child
 
 logger = logging.getLogger("bench.speed")
 
@@ -279,11 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repeat-with-cache", action="store_true",
                         help="run each job twice with one avatar cache folder (miss, then hit)")
     parser.add_argument("--timeout", type=float, help="seconds allowed per configuration")
-    parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
-    parser.add_argument("--run-one", help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(parser, argv)
 
     if args.run_one:
         report = run_one(Config(**json.loads(args.run_one)))
