@@ -45,7 +45,9 @@ STAGES = (
     ("audio", "audio: Whisper encoder", "output"),
     ("unet", "UNet", "output"),
     ("vae_decode", "VAE decode", "output"),
-    ("blend", "blend", "output"),
+    ("read", "read (source frames, latents, masks from the store)", "output"),
+    ("blend", "blend: resize + composite (on the device)", "output"),
+    ("paste", "paste blended regions into frames (host)", "output"),
     ("encode", "encode (libx264)", "output"),
     ("cache", "avatar cache (hash, save, load)", "source"),
 )
@@ -178,9 +180,10 @@ def render(reports: Sequence[Dict[str, object]], header: Dict[str, object]) -> s
         "",
         "### Per stage: seconds (frames per second)",
         "",
-        "Prepare stages count source frames, generate stages output frames. Blending and encoding run on a "
-        "thread of their own, overlapping the UNet and VAE, so the stages can add up to more than the job: "
-        "the last row is the job's wall time minus their sum.",
+        "Prepare stages count source frames, generate stages output frames. Decoding, store reads, pasting "
+        "and encoding run on threads of their own, overlapping the UNet and VAE, so the stages can add up to "
+        "more than the job: the last row is the job's wall time minus their sum. On a GPU the UNet, VAE and "
+        "blend rows are GPU time (CUDA events), the others wall time.",
         "",
         "| stage | " + " | ".join(c[0] for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),

@@ -7,8 +7,8 @@ by the VAE decoder.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -24,7 +24,12 @@ def positional_encoding(length: int, dim: int) -> torch.Tensor:
 
 
 class FaceGenerator:
-    """Runs the UNet and the VAE decoder; both must be on the same device and dtype."""
+    """Runs the UNet and the VAE decoder; both must be on the same device and dtype.
+
+    Inputs may live on the host: they are copied to the device without waiting
+    (from pinned memory on CUDA), and outputs stay on the device, so a caller
+    can queue the next batch while the GPU still works on this one.
+    """
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL):
         self.unet = unet
@@ -32,19 +37,27 @@ class FaceGenerator:
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._timestep = torch.zeros(1, device=self.device, dtype=torch.long)
+        self._positions: Optional[torch.Tensor] = None
 
     @torch.inference_mode()
     def predict_latents(self, latents: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """UNet output [B, 4, 32, 32] for reference latents [B, 8, 32, 32] and prompts [B, 50, 384]."""
-        prompts = prompts.to(self.device, torch.float32)
-        prompts = prompts + positional_encoding(prompts.shape[1], prompts.shape[2]).to(self.device)
+        prompts = self._to_device(prompts).float()
+        if self._positions is None or self._positions.shape != prompts.shape[1:]:
+            self._positions = positional_encoding(prompts.shape[1], prompts.shape[2]).to(self.device)
+        prompts = prompts + self._positions
         return self.unet(
-            latents.to(self.device, self.dtype), self._timestep, encoder_hidden_states=prompts.to(self.dtype)
+            self._to_device(latents).to(self.dtype), self._timestep, encoder_hidden_states=prompts.to(self.dtype)
         ).sample
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Face images [B, 256, 256, 3] (BGR uint8) from predicted latents."""
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Face images [B, 256, 256, 3] (BGR uint8, on the generator's device) from predicted latents."""
         images = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
         images = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).flip(-1).cpu().numpy()
+        return images.permute(0, 2, 3, 1).flip(-1)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)

@@ -14,13 +14,9 @@ whatever the length:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import queue
 import tempfile
-import threading
-import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -31,17 +27,19 @@ import torch
 from . import boxes as box_math
 from .audio import AudioEncoder, AudioPrompts
 from .avatar_cache import AvatarCache
-from .blend import blend_face
+from .blend import BlendedBatch, FaceBlender, visible_part
 from .decode import MediaInfo, iter_video_frames, load_audio, probe, read_image
 from .encode import VideoEncoder
 from .errors import ErrorCode, LipSyncError
 from .faces import FaceAnalyzer, load_face_analyzer
 from .generate import FaceGenerator
 from .latents import LatentEncoder, crop_face
-from .masks import MaskMaker
+from .masks import BlendMask, MaskMaker
 from .models import FACE_PARSING_WEIGHTS, VAE_DIR, load_audio_encoder, load_face_parser, load_unet, load_vae
 from .options import EngineOptions
+from .overlap import BackgroundConsumer, Prefetcher
 from .store import SourceStore
+from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
 
@@ -86,31 +84,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return chosen
 
 
-class _StageTimer:
-    """Adds up wall time per stage; stages interleave in the streaming passes."""
-
-    def __init__(self) -> None:
-        self.seconds: Dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-    def timed_iter(self, stage: str, items: Iterable) -> Iterator:
-        iterator = iter(items)
-        while True:
-            with self(stage):
-                item = next(iterator, _END)
-            if item is _END:
-                return
-            yield item
-
-
-_END = object()
 
 
 class LipSyncPipeline:
@@ -198,7 +171,7 @@ class LipSyncPipeline:
         """
         options = options.resolved()
         report = progress or (lambda stage, done, total: None)
-        timer = _StageTimer()
+        timer = StageTimer(self.device)
         generator = self._generator(options)
 
         report("decode", 0, 1)
@@ -226,7 +199,7 @@ class LipSyncPipeline:
             finally:
                 store.close(delete=cache_hit is None)
         report("encode", 1, 1)
-        timings = {stage: round(seconds, 3) for stage, seconds in timer.seconds.items()}
+        timings = timer.totals()
         return LipSyncResult(
             path=Path(output),
             frames=len(prompts),
@@ -248,7 +221,7 @@ class LipSyncPipeline:
         generator: FaceGenerator,
         needed: int,
         scratch: Path,
-        timer: _StageTimer,
+        timer: StageTimer,
         report: Progress,
     ) -> Tuple[SourceStore, Optional[bool]]:
         """The prepared source: from the avatar cache, or prepared now (and cached when there is a cache)."""
@@ -303,7 +276,7 @@ class LipSyncPipeline:
         vae: torch.nn.Module,
         store: SourceStore,
         needed: Optional[int],
-        timer: _StageTimer,
+        timer: StageTimer,
         report: Progress,
     ) -> None:
         """First pass: face box, latents and blend mask of the source frames, into ``store``.
@@ -319,21 +292,11 @@ class LipSyncPipeline:
         masks = MaskMaker(self.mask_net, options.parsing_mode, options.left_cheek_width, options.right_cheek_width)
         latent_encoder = LatentEncoder(vae)
         report("prepare", 0, expected)
-        for batch in _batched(timer.timed_iter("decode", frames), options.batch_size):
-            with timer("faces"):
-                face_boxes = self._face_boxes(batch, len(store), options)
-            with_face = [i for i, b in enumerate(face_boxes) if b is not None]
-            latents, blend_masks = None, {}
-            if with_face:
-                with timer("latents"):
-                    latents = latent_encoder.encode([crop_face(batch[i], face_boxes[i]) for i in with_face])
-                with timer("masks"):
-                    made = masks.make([batch[i] for i in with_face], [face_boxes[i] for i in with_face])
-                blend_masks = dict(zip(with_face, zip(made, latents)))
-            for i, frame in enumerate(batch):
-                mask, latent = blend_masks.get(i, (None, None))
-                store.add(frame, mask, latent)
-            report("prepare", len(store), max(expected, len(store)))
+        decoded = Prefetcher(_batched(timer.timed_iter("decode", frames), options.batch_size), depth=1)
+        with decoded:
+            for batch in decoded:
+                self._prepare_batch(batch, options, latent_encoder, masks, store, timer)
+                report("prepare", len(store), max(expected, len(store)))
         if store.faces == 0:
             raise LipSyncError(
                 ErrorCode.NO_FACE,
@@ -341,6 +304,30 @@ class LipSyncPipeline:
                 "with one clearly visible, roughly frontal face.",
                 stage="prepare",
             )
+
+    def _prepare_batch(
+        self,
+        batch: List[np.ndarray],
+        options: EngineOptions,
+        latent_encoder: LatentEncoder,
+        masks: MaskMaker,
+        store: SourceStore,
+        timer: StageTimer,
+    ) -> None:
+        """Face boxes, latents and blend masks of one batch of source frames, appended to ``store``."""
+        with timer("faces"):
+            face_boxes = self._face_boxes(batch, len(store), options)
+        with_face = [i for i, b in enumerate(face_boxes) if b is not None]
+        prepared = {}
+        if with_face:
+            with timer("latents"):
+                latents = latent_encoder.encode([crop_face(batch[i], face_boxes[i]) for i in with_face])
+            with timer("masks"):
+                made = masks.make([batch[i] for i in with_face], [face_boxes[i] for i in with_face])
+            prepared = dict(zip(with_face, zip(made, latents)))
+        for i, frame in enumerate(batch):
+            mask, latent = prepared.get(i, (None, None))
+            store.add(frame, mask, latent)
 
     def _face_boxes(self, frames: List[np.ndarray], first: int, options: EngineOptions) -> List[Optional[box_math.Box]]:
         """Face boxes (extra margin applied) of a batch of frames; None where there is no face."""
@@ -369,27 +356,32 @@ class LipSyncPipeline:
         generator: FaceGenerator,
         options: EngineOptions,
         encoder: VideoEncoder,
-        timer: _StageTimer,
+        timer: StageTimer,
         report: Progress,
     ) -> None:
-        """Second pass: generate every output frame in order; blending and encoding overlap it."""
+        """Second pass: generate every output frame in order.
+
+        Three threads overlap: one reads the next batches from the store, this
+        one queues the UNet, VAE decoder and blending on the device, and one
+        pastes the blended regions into their frames and feeds the encoder.
+        """
         total = len(prompts)
-        with _BlendWriter(store, encoder, timer) as writer:
-            for start in range(0, total, options.batch_size):
-                stop = min(start + options.batch_size, total)
-                sources = [_ping_pong(i, len(store)) for i in range(start, stop)]
-                with_face = [k for k, j in enumerate(sources) if store.box(j) is not None]
-                faces: Dict[int, np.ndarray] = {}
-                if with_face:
+        blender = FaceBlender(self.device)
+        with Prefetcher(_read_batches(store, total, options.batch_size, timer)) as batches, \
+                BackgroundConsumer(_frame_writer(store, encoder, timer)) as writer:
+            for batch in batches:
+                blended = None
+                if batch.with_face:
                     with timer("audio"):
-                        audio = prompts[start:stop][with_face]
-                    latents = torch.stack([store.latent(sources[k]) for k in with_face])
-                    with timer("unet"):
-                        predicted = generator.predict_latents(latents, audio)
-                    with timer("vae_decode"):
-                        faces = dict(zip(with_face, generator.decode(predicted)))
-                writer.put(sources, faces)
-                report("generate", stop, total)
+                        audio = prompts[batch.start : batch.start + len(batch.sources)][batch.with_face]
+                    with timer.device("unet"):
+                        predicted = generator.predict_latents(batch.latents, audio)
+                    with timer.device("vae_decode"):
+                        faces = generator.decode(predicted)
+                    with timer.device("blend"):
+                        blended = blender.blend(batch.pixels, faces, batch.masks, store.width, store.height)
+                writer.put(batch, blended)
+                report("generate", batch.start + len(batch.sources), total)
 
     def _generator(self, options: EngineOptions) -> FaceGenerator:
         dtype = self._half_dtype() if options.fp16 else torch.float32
@@ -416,57 +408,49 @@ class LipSyncPipeline:
         return self._unets[(version, dtype)]
 
 
-class _BlendWriter:
-    """Blends generated faces into their source frames and feeds the encoder, on a thread of its own.
+@dataclasses.dataclass
+class _Batch:
+    """What the generate pass needs from the store for one batch of output frames."""
 
-    The UNet and VAE (on the GPU) then compute the next batch while this batch
-    is blended and encoded (on the CPU). The queue is short, so memory stays
-    bounded, and it is first in, first out, so frames keep their order. A
-    failure here is raised in the generating thread at its next ``put``.
-    """
+    start: int  # first output frame
+    sources: List[int]  # source frame of each output frame
+    with_face: List[int]  # positions in the batch whose source frame has a face
+    latents: Optional[torch.Tensor]  # [len(with_face), 8, 32, 32]
+    masks: List[BlendMask]  # per position with a face
+    pixels: List[np.ndarray]  # per position with a face: the source's pixels in the mask's visible box
 
-    def __init__(self, store: SourceStore, encoder: VideoEncoder, timer: _StageTimer, depth: int = 2):
-        self._store, self._encoder, self._timer = store, encoder, timer
-        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="blend-encode", daemon=True)
-        self._thread.start()
 
-    def put(self, sources: List[int], faces: Dict[int, np.ndarray]) -> None:
-        """Queues one batch: source frame indices and the generated face of each position that has one."""
-        self._raise_failure()
-        self._queue.put((sources, faces))
+def _read_batches(store: SourceStore, total: int, batch_size: int, timer: StageTimer) -> Iterator[_Batch]:
+    """The batches of ``total`` output frames, in ping-pong order over the source frames."""
+    for start in range(0, total, batch_size):
+        with timer("read"):
+            sources = [_ping_pong(i, len(store)) for i in range(start, min(start + batch_size, total))]
+            with_face = [k for k, j in enumerate(sources) if store.box(j) is not None]
+            masks = [store.mask(sources[k]) for k in with_face]
+            pixels = [
+                store.pixels(sources[k], visible_part(mask.box, store.width, store.height))
+                for k, mask in zip(with_face, masks)
+            ]
+            latents = torch.stack([store.latent(sources[k]) for k in with_face]) if with_face else None
+        yield _Batch(start, sources, with_face, latents, masks, pixels)
 
-    def __enter__(self) -> "_BlendWriter":
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if exc_type is None:
-            self._raise_failure()
+def _frame_writer(store: SourceStore, encoder: VideoEncoder, timer: StageTimer) -> Callable:
+    """What the writing thread does with each batch: paste the blended regions into their frames, encode."""
 
-    def _raise_failure(self) -> None:
-        if self._error is not None:
-            raise self._error
+    def write(batch: _Batch, blended: Optional[BlendedBatch]) -> None:
+        position = {k: i for i, k in enumerate(batch.with_face)}
+        for k, j in enumerate(batch.sources):
+            with timer("read"):
+                frame = store.frame(j)
+            if k in position:
+                # The first paste of a batch also waits for the device's copy to arrive.
+                with timer("paste"):
+                    frame = blended.paste(position[k], frame)
+            with timer("encode"):
+                encoder.write(frame)
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # keep draining so the generating thread never blocks on a full queue
-            try:
-                self._write(*item)
-            except BaseException as error:  # noqa: BLE001 - handed to the generating thread
-                self._error = error
-
-    def _write(self, sources: List[int], faces: Dict[int, np.ndarray]) -> None:
-        for k, j in enumerate(sources):
-            frame = self._store.frame(j)
-            if k in faces:
-                with self._timer("blend"):
-                    frame = blend_face(frame, faces[k], self._store.mask(j))
-            with self._timer("encode"):
-                self._encoder.write(frame)
+    return write
 
 
 def _probe_inputs(source: Path, audio: Path) -> Tuple[MediaInfo, MediaInfo]:

@@ -123,6 +123,16 @@ class SourceStore:
         data = self._read(self._entries[index].frame_offset, self._frame_bytes)
         return np.frombuffer(data, np.uint8).reshape(self.height, self.width, 3).copy()
 
+    def pixels(self, index: int, box: Box) -> np.ndarray:
+        """The BGR pixels of a source frame inside ``box`` (which must lie inside the frame).
+
+        Reads only the rows the box spans, so blending need not read whole frames.
+        """
+        x1, y1, x2, y2 = box
+        row = self.width * 3
+        data = self._read(self._entries[index].frame_offset + y1 * row, (y2 - y1) * row)
+        return np.frombuffer(data, np.uint8).reshape(y2 - y1, self.width, 3)[:, x1:x2].copy()
+
     def latent(self, index: int) -> torch.Tensor:
         """The [8, 32, 32] latents of a frame with a face."""
         data = self._read(self._entries[index].latent_offset, _LATENT_BYTES)

@@ -27,7 +27,7 @@ import torch
 from conftest import PARITY_ROOT
 from musetalk_worker import boxes as box_math
 from musetalk_worker.audio import AudioPrompts
-from musetalk_worker.blend import blend_face
+from musetalk_worker.blend import FaceBlender, visible_part
 from musetalk_worker.decode import load_audio, probe
 from musetalk_worker.generate import FaceGenerator
 from musetalk_worker.latents import LatentEncoder, crop_face
@@ -150,12 +150,20 @@ def test_generation_and_decode(fixture):
         index = [fixture.ping_pong(i) for i in range(start, min(start + batch, len(prompts)))]
         pred = generator.predict_latents(latents[index], prompts[start : start + len(index)])
         preds.append(pred.float().numpy())
-        faces.append(generator.decode(pred))
+        faces.append(generator.decode(pred).numpy())
     _assert_close(np.concatenate(preds), a["pred_latents"], "pred_latents")
     # Decode the fixture's own predictions too, so face errors are not UNet errors carried over.
-    own_faces = generator.decode(torch.from_numpy(a["pred_latents"]))
+    own_faces = generator.decode(torch.from_numpy(a["pred_latents"])).numpy()
     difference = np.abs(own_faces.astype(int) - a["faces"].astype(int)).max()
     assert difference <= 1, f"faces differ by up to {difference}"
+
+
+def _blend(blender: FaceBlender, frame: np.ndarray, face, mask) -> np.ndarray:
+    """``frame`` with ``face`` (uint8 BGR, array or tensor) blended in by the engine's blender."""
+    height, width = frame.shape[:2]
+    x1, y1, x2, y2 = visible_part(mask.box, width, height)
+    batch = blender.blend([frame[y1:y2, x1:x2]], torch.as_tensor(face)[None], [mask], width, height)
+    return batch.paste(0, frame.copy())
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -178,7 +186,7 @@ def test_blending(fixture):
         assert tuple(face) == boxes[src]
         square, _ = box_math.blend_square(boxes[src])
         assert box_math.clip_box(square, width, height) == (rx1, ry1, rx2, ry2)
-        out = blend_face(frames[src], a["faces"][t], masks[src])
+        out = _blend(FaceBlender(torch.device("cpu")), frames[src], a["faces"][t], masks[src])
         psnr = _psnr(out[ry1:ry2, rx1:rx2], expected_region)
         assert psnr >= 40.0, f"blended frame {t}: PSNR {psnr:.1f} dB < 40 dB"
         outside = np.ones((height, width), bool)
@@ -201,7 +209,7 @@ def test_gpu_float16_path(fixture):
     prompts = torch.from_numpy(a["whisper_chunks"])
     index = [fixture.ping_pong(i) for i in range(len(prompts))]
     faces = generator.decode(generator.predict_latents(latents[index], prompts))
-    for t, face in enumerate(faces):
+    for t, face in enumerate(faces.cpu().numpy()):
         psnr = _psnr(face, a["faces"][t])
         assert psnr >= 35.0, f"GPU float16 face {t}: PSNR {psnr:.1f} dB < 35 dB"
     options = fixture.options
@@ -210,6 +218,6 @@ def test_gpu_float16_path(fixture):
         list(a["frames"]), fixture.boxes_with_margin())
     for t, face in enumerate(faces):
         rx1, ry1, rx2, ry2 = (int(v) for v in a["blend_boxes"][t][:4])
-        out = blend_face(a["frames"][index[t]], face, masks[index[t]])
+        out = _blend(FaceBlender(device), a["frames"][index[t]], face, masks[index[t]])
         psnr = _psnr(out[ry1:ry2, rx1:rx2], a[f"blended_{t:03d}"])
         assert psnr >= 35.0, f"GPU float16 blended frame {t}: PSNR {psnr:.1f} dB < 35 dB"
