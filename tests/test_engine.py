@@ -7,6 +7,7 @@ is fine for checking timing, lengths, blending regions and error handling.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from fractions import Fraction
@@ -217,3 +218,19 @@ def test_version_1_loads_its_own_unet_and_defaults(fixture_models, clips, media_
     with pytest.raises(LipSyncError) as caught:
         LipSyncPipeline.from_models(fixture_models, device="cpu", landmarks="dlib", versions=("v1",))
     assert caught.value.code == ErrorCode.MODELS_MISSING and "musetalk/" in str(caught.value)
+
+
+@pytest.mark.gpu
+def test_a_cuda_float16_job_matches_the_cpu_job(pipeline, fixture_models, clips, tmp_path):
+    """The GPU path end to end (device blending, pinned copies, three threads, CUDA event timings)
+    against the CPU float32 job, with the GPU bound of the parity README (>= 35 dB)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine: the GPU path cannot run here")
+    gpu = LipSyncPipeline.from_models(fixture_models, device="cuda", landmarks="dlib")
+    options = EngineOptions(batch_size=4)
+    cpu_result = pipeline(clips["video1s"], clips["speech05s"], tmp_path / "cpu.mp4", options)
+    gpu_result = gpu(clips["video1s"], clips["speech05s"], tmp_path / "gpu.mp4", dataclasses.replace(options, fp16=True))
+    assert gpu_result.frames == cpu_result.frames
+    assert {"unet", "vae_decode", "blend", "paste", "encode"} <= set(gpu_result.timings)
+    for cpu_frame, gpu_frame in zip(_frames(tmp_path / "cpu.mp4"), _frames(tmp_path / "gpu.mp4")):
+        assert _psnr(cpu_frame, gpu_frame) >= 35.0
