@@ -134,6 +134,8 @@ class WorkerSettings:
         device: ``MUSETALK_DEVICE``, ``auto`` (``cuda``, ``cpu`` or ``auto``);
             anything but ``cpu`` means a GPU is expected.
         landmarks: ``MUSETALK_LANDMARKS``, ``auto`` (``dwpose``, ``dlib``).
+        video_encoder: ``MUSETALK_VIDEO_ENCODER``, ``auto`` (``libx264``,
+            ``h264_nvenc``): ``auto`` uses NVENC where a trial encode works.
         max_audio_s: ``MUSETALK_MAX_AUDIO_SECONDS``, 300.
         max_source_s: ``MUSETALK_MAX_SOURCE_SECONDS``, 300 (videos).
         max_source_width / max_source_height: ``MUSETALK_MAX_SOURCE_WIDTH`` /
@@ -176,6 +178,7 @@ class WorkerSettings:
     models_dir: Path = _PROJECT_ROOT / "models"
     device: str = "auto"
     landmarks: str = "auto"
+    video_encoder: str = "auto"
     max_audio_s: float = 300.0
     max_source_s: float = 300.0
     max_source_width: int = 3840
@@ -216,6 +219,7 @@ class WorkerSettings:
             models_dir=env.path("MUSETALK_MODELS_DIR") or cls.models_dir,
             device=env.choice("MUSETALK_DEVICE", ("auto", "cuda", "cpu"), cls.device),
             landmarks=env.choice("MUSETALK_LANDMARKS", ("auto", "dwpose", "dlib"), cls.landmarks),
+            video_encoder=env.choice("MUSETALK_VIDEO_ENCODER", ("auto", "libx264", "h264_nvenc"), cls.video_encoder),
             max_audio_s=env.number("MUSETALK_MAX_AUDIO_SECONDS", cls.max_audio_s),
             max_source_s=env.number("MUSETALK_MAX_SOURCE_SECONDS", cls.max_source_s),
             max_source_width=int(env.number("MUSETALK_MAX_SOURCE_WIDTH", cls.max_source_width)),

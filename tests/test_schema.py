@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from musetalk_worker.encode import VIDEO_CODECS
 from musetalk_worker.errors import ErrorCode, LipSyncError
 from musetalk_worker.options import LIMITS, EngineOptions, WorkerSettings
 from musetalk_worker.schema import JobInput, engine_field_names, parse_job
@@ -160,15 +161,22 @@ def test_worker_settings_from_environment(tmp_path):
         "MUSETALK_ALLOW_PRIVATE_URLS": "true",
         "MUSETALK_LOCAL_INPUT_DIR": str(tmp_path), "BUCKET_NAME": "results", "BUCKET_SECRET_ACCESS_KEY": "s3cr3t-value",
         "MUSETALK_DEVICE": "CPU", "RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/e/job-take/$RUNPOD_POD_ID",
+        "MUSETALK_VIDEO_ENCODER": "H264_NVENC",
     })
+    assert settings.video_encoder == "h264_nvenc"
     assert (settings.max_audio_s, settings.max_download_bytes, settings.allow_private_urls) == (90.0, 1000, True)
     assert (settings.local_input_dir, settings.bucket_name, settings.device) == (tmp_path, "results", "cpu")
     assert settings.output_dir is None  # on RunPod: no local output folder
     assert "s3cr3t-value" not in repr(settings)
     local = WorkerSettings.from_env({})
     assert local.output_dir == ROOT / "outputs" and local.models_dir == ROOT / "models"
+    assert local.video_encoder == "auto"
+    # Every value the encoder knows is a valid setting.
+    parsed = [WorkerSettings.from_env({"MUSETALK_VIDEO_ENCODER": c}).video_encoder for c in VIDEO_CODECS]
+    assert parsed == list(VIDEO_CODECS)
     assert local == dataclasses.replace(WorkerSettings(), output_dir=ROOT / "outputs")
     for name, value in [("MUSETALK_MAX_AUDIO_SECONDS", "-5"), ("MUSETALK_DEVICE", "gpu"),
-                        ("MUSETALK_ALLOW_PRIVATE_URLS", "maybe"), ("MUSETALK_PRESIGN_SECONDS", "604801")]:
+                        ("MUSETALK_ALLOW_PRIVATE_URLS", "maybe"), ("MUSETALK_PRESIGN_SECONDS", "604801"),
+                        ("MUSETALK_VIDEO_ENCODER", "nvenc")]:
         with pytest.raises(ValueError, match=name):
             WorkerSettings.from_env({name: value})
