@@ -97,7 +97,11 @@ RUN --mount=type=bind,from=mmcv,source=/wheels,target=/wheels \
  && apt-get purge -y --auto-remove gcc g++ python3.11-dev \
  && rm -rf /var/lib/apt/lists/* /root/.cache
 
+# The CUDA images ask the NVIDIA runtime for compute,utility only; "video" also mounts
+# libnvidia-encode, without which h264_nvenc never opens (MUSETALK_VIDEO_ENCODER=auto
+# would always fall back to libx264).
 ENV PATH=/opt/venv/bin:$PATH \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility,video \
     MUSETALK_MODELS_DIR=/models \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \

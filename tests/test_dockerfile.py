@@ -92,6 +92,8 @@ def test_the_worker_stage_installs_with_ci_scripts_runs_offline_and_has_no_test_
     assert "tests" not in " ".join(copied_sources(worker))
     assert ("COPY", "--from=weights /models /models") in worker
     assert re.search(r"\bHF_HUB_OFFLINE=1\b", text) and re.search(r"\bMUSETALK_MODELS_DIR=/models\b", text)
+    # NVENC needs the runtime's "video" capability (libnvidia-encode), which the CUDA images leave out.
+    assert re.search(r"\bNVIDIA_DRIVER_CAPABILITIES=compute,utility,video\b", text)
     assert worker[-1] == ("CMD", '["python", "-u", "handler.py"]')
     # The weights layer comes before the dependencies and the code, which change more often.
     order = [rest for keyword, rest in worker if keyword in ("COPY", "RUN")]
