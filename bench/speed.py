@@ -12,16 +12,18 @@ synthetic face video and speech (:mod:`bench.media`)::
     python -m bench.speed --device cuda --dtypes fp32,fp16 --batch-sizes 4,8,16 --width 704 --height 1216 \\
         --seconds 10 --fps 25 --landmarks dwpose --json speed.json
 
-fp16 on the CPU is refused by the engine; that row reads "n/a (fp16 needs a
-GPU)". With ``--repeat-with-cache`` each configuration runs its job twice with
-one avatar cache folder: the first run prepares and caches the source, the
-second reuses it.
+fp16 and bf16 on the CPU are refused by the engine; those rows read "n/a (half
+precision needs a GPU)". ``--compile`` compares torch.compile modes (each batch
+size compiles during warm-up, whose time the table shows). With
+``--repeat-with-cache`` each configuration runs its job twice with one avatar
+cache folder: the first run prepares and caches the source, the second reuses it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -31,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+from musetalk_worker.options import COMPILE_MODES
 
 from . import MIB, ChildRun, describe_machine, engine_version, machine, parse_args, proc_status_bytes, run_child
 
@@ -48,10 +52,12 @@ STAGES = (
     ("read", "read (source frames, latents, masks from the store)", "output"),
     ("blend", "blend: resize + composite (on the device)", "output"),
     ("paste", "paste blended regions into frames (host)", "output"),
-    ("encode", "encode (libx264)", "output"),
+    ("encode", "encode (ffmpeg; the codec is in the header)", "output"),
     ("cache", "avatar cache (hash, save, load)", "source"),
 )
-FP16_REFUSED = "n/a (fp16 needs a GPU)"
+FP16_REFUSED = "n/a (half precision needs a GPU)"
+# Half-precision dtypes of the table -> Acceleration.half_dtype.
+HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +73,13 @@ class Config:
     landmarks: str
     threads: Optional[int]
     repeat_with_cache: bool
+    compile: str = "off"
+    channels_last: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.dtype} b{self.batch_size}"
+        extras = ("" if self.compile == "off" else f" compile={self.compile}") + (" NHWC" if self.channels_last else "")
+        return f"{self.dtype} b{self.batch_size}{extras}"
 
 
 def run_one(config: Config) -> Dict[str, object]:
@@ -78,18 +87,22 @@ def run_one(config: Config) -> Dict[str, object]:
     import torch
 
     from musetalk_worker import EngineOptions, ErrorCode, LipSyncError
+    from musetalk_worker.options import Acceleration
     from musetalk_worker.pipeline import LipSyncPipeline
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    fp16 = config.dtype == "fp16"
+    fp16 = config.dtype in HALF_DTYPES
+    acceleration = Acceleration(half_dtype=HALF_DTYPES.get(config.dtype, "float16"), compile=config.compile,
+                                channels_last=config.channels_last)
     report: Dict[str, object] = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as scratch:
         cache_dir = Path(scratch) / "avatar-cache" if config.repeat_with_cache else None
         try:
             started = time.perf_counter()
             pipe = LipSyncPipeline.from_models(Path(config.models), device=config.device, fp16=fp16,
-                                               landmarks=config.landmarks, cache_dir=cache_dir)
+                                               landmarks=config.landmarks, cache_dir=cache_dir,
+                                               acceleration=acceleration)
             report["load_s"] = time.perf_counter() - started
             options = EngineOptions(batch_size=config.batch_size, fp16=fp16)
             started = time.perf_counter()
@@ -102,6 +115,7 @@ def run_one(config: Config) -> Dict[str, object]:
             raise
         cuda = pipe.device.type == "cuda"
         report["device"] = pipe.device.type
+        report["video_codec"] = pipe.video_codec
         report["gpu"] = torch.cuda.get_device_name(pipe.device) if cuda else None
         report["rss_after_load_mib"] = proc_status_bytes("VmRSS") / MIB
         runs = []
@@ -176,6 +190,7 @@ def render(reports: Sequence[Dict[str, object]], header: Dict[str, object]) -> s
         f"- models: {header['models']}",
         f"- media: {header['media']}",
         f"- face back-end: {header['landmarks']}",
+        f"- video encoder: {header.get('video_codec', '—')}",
         f"- engine: {header['engine']}",
         "",
         "### Per stage: seconds (frames per second)",
@@ -213,7 +228,7 @@ def render(reports: Sequence[Dict[str, object]], header: Dict[str, object]) -> s
 
 def _failure(report: Dict[str, object]) -> Optional[str]:
     if "refused" in report:
-        return FP16_REFUSED if report["dtype"] == "fp16" else f"refused: {report['refused']}"
+        return FP16_REFUSED if report["dtype"] in HALF_DTYPES else f"refused: {report['refused']}"
     if report["exit_code"] != 0 or not report.get("runs"):
         return f"failed (exit {report['exit_code']})"
     return None
@@ -273,7 +288,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--fps", type=float, default=25.0, help="synthetic video frame rate (default 25)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--dtypes", type=lambda s: _csv(str, s), default=["fp32", "fp16"],
-                        help="comma-separated, from fp32,fp16 (default both)")
+                        help="comma-separated, from fp32,fp16,bf16 (default fp32,fp16)")
+    parser.add_argument("--compile", type=lambda s: _csv(str, s), default=["off"],
+                        help="comma-separated torch.compile modes to compare, from "
+                             "off,default,reduce-overhead,max-autotune (default off)")
+    parser.add_argument("--channels-last", action="store_true", help="UNet and VAE decoder in channels-last (CUDA)")
     parser.add_argument("--batch-sizes", type=lambda s: _csv(int, s), default=[4, 8, 16],
                         help="comma-separated (default 4,8,16)")
     parser.add_argument("--landmarks", default="dlib", choices=("dlib", "dwpose"),
@@ -290,9 +309,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if (args.source is None) != (args.audio is None):
         parser.error("give both --source and --audio, or neither (synthetic media)")
-    unknown = sorted(set(args.dtypes) - {"fp32", "fp16"})
+    unknown = sorted(set(args.dtypes) - {"fp32", *HALF_DTYPES})
     if unknown:
-        parser.error(f"unknown dtype(s) {', '.join(unknown)}: use fp32, fp16")
+        parser.error(f"unknown dtype(s) {', '.join(unknown)}: use fp32, fp16, bf16")
+    unknown = sorted(set(args.compile) - set(COMPILE_MODES))
+    if unknown:
+        parser.error(f"unknown compile mode(s) {', '.join(unknown)}: use {', '.join(COMPILE_MODES)}")
     host, engine = machine(), engine_version()
     with tempfile.TemporaryDirectory(prefix="bench-speed-media-") as scratch:
         models, models_text = _models(args)
@@ -307,17 +329,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             source, audio = args.source.resolve(), args.audio.resolve()
             media_text = f"{source} + {audio}"
         reports = []
-        for dtype in args.dtypes:
-            for batch_size in args.batch_sizes:
-                config = Config(str(models), str(source), str(audio), args.device, dtype, batch_size,
-                                args.landmarks, args.threads, args.repeat_with_cache)
-                reports.append(measure(config, args.timeout))
+        for dtype, batch_size, mode in itertools.product(args.dtypes, args.batch_sizes, args.compile):
+            config = Config(str(models), str(source), str(audio), args.device, dtype, batch_size,
+                            args.landmarks, args.threads, args.repeat_with_cache, mode, args.channels_last)
+            reports.append(measure(config, args.timeout))
     device = next((r for r in reports if r.get("device")), {})
     device_text = device.get("gpu") or device.get("device") or args.device
     if device.get("threads"):
         device_text += f" (torch {device['torch']}, {device['threads']} CPU threads)"
     header = {"machine": describe_machine(host), "device": device_text, "models": models_text, "media": media_text,
-              "landmarks": args.landmarks, "engine": engine}
+              "landmarks": args.landmarks, "video_codec": device.get("video_codec"), "engine": engine}
     print(render(reports, header))
     if args.json:
         args.json.write_text(json.dumps({"header": header, "machine": host, "reports": reports}, indent=1) + "\n")

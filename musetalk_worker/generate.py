@@ -31,9 +31,11 @@ class FaceGenerator:
     can queue the next batch while the GPU still works on this one.
     """
 
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL):
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, fixed_batch: Optional[int] = None):
+        """``fixed_batch``: pad every batch to this size (compiled models then see one shape)."""
         self.unet = unet
         self.vae = vae
+        self.fixed_batch = fixed_batch
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._timestep = torch.zeros(1, device=self.device, dtype=torch.long)
@@ -46,16 +48,25 @@ class FaceGenerator:
         if self._positions is None or self._positions.shape != prompts.shape[1:]:
             self._positions = positional_encoding(prompts.shape[1], prompts.shape[2]).to(self.device)
         prompts = prompts + self._positions
-        return self.unet(
-            self._to_device(latents).to(self.dtype), self._timestep, encoder_hidden_states=prompts.to(self.dtype)
-        ).sample
+        count = len(latents)
+        latents, prompts = self._padded(self._to_device(latents).to(self.dtype)), self._padded(prompts.to(self.dtype))
+        return self.unet(latents, self._timestep, encoder_hidden_states=prompts).sample[:count]
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Face images [B, 256, 256, 3] (BGR uint8, on the generator's device) from predicted latents."""
-        images = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
+        count = len(latents)
+        images = self.vae.decode(self._padded(latents.to(self.dtype)) / self.vae.config.scaling_factor).sample[:count]
         images = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).flip(-1)
+
+    def _padded(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.fixed_batch is None:
+            return batch
+        # Always a new tensor, made in inference mode, even with nothing to add: a compiled
+        # model's guards also check that, and a mismatch would recompile it.
+        missing = max(self.fixed_batch - len(batch), 0)
+        return torch.cat([batch, batch.new_zeros((missing, *batch.shape[1:]))])
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and tensor.device.type == "cpu":

@@ -19,6 +19,7 @@ from transformers import WhisperFeatureExtractor, WhisperModel
 from .audio import AudioEncoder
 from .bisenet import BiSeNet, load_bisenet
 from .errors import ErrorCode, LipSyncError
+from .options import Acceleration
 from .precision import precise_cpu_group_norm
 
 logger = logging.getLogger(__name__)
@@ -90,3 +91,18 @@ def load_audio_encoder(models_dir: Path, device: torch.device) -> AudioEncoder:
 def load_face_parser(models_dir: Path, device: torch.device) -> BiSeNet:
     """BiSeNet face parsing in float32 (masks are cheap and must be stable)."""
     return load_bisenet(require(models_dir, FACE_PARSING_WEIGHTS), device)
+
+
+def speed_up(module: torch.nn.Module, acceleration: Acceleration) -> torch.nn.Module:
+    """Applies a deployment's :class:`Acceleration` to a loaded model, in place; returns it."""
+    device = next(module.parameters()).device
+    if acceleration.channels_last:
+        if device.type == "cuda":
+            module.to(memory_format=torch.channels_last)
+        else:
+            # On the CPU, group norm must see NCHW tensors to stay precise (precision.py).
+            logger.warning("channels_last applies to CUDA only; %s stays in NCHW", type(module).__name__)
+    if acceleration.compile != "off":
+        # Fixed shapes (the engine pads batches) keep it to one graph per batch size.
+        module.compile(mode=None if acceleration.compile == "default" else acceleration.compile, dynamic=False)
+    return module

@@ -53,7 +53,8 @@ class EngineOptions:
         batch_size: frames per UNet/VAE batch.
         fps: frame rate of the video made from a still image (ignored for videos).
         fp16: compute in float16 (CUDA only).
-        crf: libx264 quality, lower is better (18 is visually lossless).
+        crf: video quality, lower is better (18 is visually lossless): libx264's
+            CRF, or NVENC's constant-quality level on the same scale.
         boxes: precomputed face boxes (x1, y1, x2, y2), one per source frame or
             a single box for every frame; skips face detection.
     """
@@ -116,6 +117,37 @@ def _invalid(name: str, value: object, allowed: str) -> None:
     )
 
 
+HALF_DTYPES: Tuple[str, ...] = ("float16", "bfloat16")
+COMPILE_MODES: Tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+@dataclasses.dataclass(frozen=True)
+class Acceleration:
+    """How the engine runs the UNet and VAE decoder on a GPU: a deployment's choice, measured with bench/speed.py.
+
+    Attributes:
+        half_dtype: what a job's ``fp16`` computes in, ``float16`` (default) or
+            ``bfloat16``.
+        compile: ``torch.compile`` mode for the UNet and the VAE decoder:
+            ``off`` (default), ``default``, ``reduce-overhead`` (CUDA graphs) or
+            ``max-autotune``. Batches are then padded to the job's batch size,
+            so each batch size compiles once (at warm-up for the default size,
+            at its first job for others).
+        channels_last: keep the UNet and VAE decoder in channels-last memory
+            format (CUDA only; ignored on other devices).
+    """
+
+    half_dtype: str = "float16"
+    compile: str = "off"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.half_dtype not in HALF_DTYPES:
+            raise ValueError(f"half_dtype {self.half_dtype!r}: use one of {', '.join(HALF_DTYPES)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile {self.compile!r}: use one of {', '.join(COMPILE_MODES)}")
+
+
 # --------------------------------------------------------------------------- #
 # Worker settings: what the deployment (not the job) decides, from environment
 # variables. Each field's variable and default is listed in ``WorkerSettings``.
@@ -173,6 +205,8 @@ class WorkerSettings:
         avatar_cache_dir: ``MUSETALK_AVATAR_CACHE_DIR``, unset (no cache): where
             prepared sources are kept for later jobs (a network volume works).
         avatar_cache_bytes: ``MUSETALK_AVATAR_CACHE_GB``, 20 (GB): the cache's bound.
+        acceleration: :class:`Acceleration` from ``MUSETALK_HALF_DTYPE`` (float16),
+            ``MUSETALK_COMPILE`` (off) and ``MUSETALK_CHANNELS_LAST`` (false).
     """
 
     models_dir: Path = _PROJECT_ROOT / "models"
@@ -204,6 +238,7 @@ class WorkerSettings:
     verify_weight_hashes: bool = False
     avatar_cache_dir: Optional[Path] = None
     avatar_cache_bytes: int = 20 * 10**9
+    acceleration: Acceleration = Acceleration()
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "WorkerSettings":
@@ -245,6 +280,11 @@ class WorkerSettings:
             verify_weight_hashes=env.flag("MUSETALK_VERIFY_WEIGHT_HASHES"),
             avatar_cache_dir=env.path("MUSETALK_AVATAR_CACHE_DIR"),
             avatar_cache_bytes=int(env.number("MUSETALK_AVATAR_CACHE_GB", cls.avatar_cache_bytes / 10**9) * 10**9),
+            acceleration=Acceleration(
+                half_dtype=env.choice("MUSETALK_HALF_DTYPE", HALF_DTYPES, Acceleration.half_dtype),
+                compile=env.choice("MUSETALK_COMPILE", COMPILE_MODES, Acceleration.compile),
+                channels_last=env.flag("MUSETALK_CHANNELS_LAST"),
+            ),
         )
 
 

@@ -29,14 +29,16 @@ from .audio import AudioEncoder, AudioPrompts
 from .avatar_cache import AvatarCache
 from .blend import BlendedBatch, FaceBlender, visible_part
 from .decode import MediaInfo, iter_video_frames, load_audio, probe, read_image
-from .encode import VideoEncoder
+from .encode import VideoEncoder, choose_video_codec
 from .errors import ErrorCode, LipSyncError
 from .faces import FaceAnalyzer, load_face_analyzer
 from .generate import FaceGenerator
 from .latents import LatentEncoder, crop_face
 from .masks import BlendMask, MaskMaker
-from .models import FACE_PARSING_WEIGHTS, VAE_DIR, load_audio_encoder, load_face_parser, load_unet, load_vae
-from .options import EngineOptions
+from .models import (
+    FACE_PARSING_WEIGHTS, VAE_DIR, load_audio_encoder, load_face_parser, load_unet, load_vae, speed_up,
+)
+from .options import Acceleration, EngineOptions
 from .overlap import BackgroundConsumer, Prefetcher
 from .store import SourceStore
 from .timing import StageTimer
@@ -102,6 +104,8 @@ class LipSyncPipeline:
         audio_encoder: AudioEncoder,
         mask_net: torch.nn.Module,
         cache: Optional[AvatarCache] = None,
+        acceleration: Acceleration = Acceleration(),
+        video_codec: str = "libx264",
     ):
         self.models_dir = Path(models_dir)
         self.device = device
@@ -109,6 +113,8 @@ class LipSyncPipeline:
         self.audio_encoder = audio_encoder
         self.mask_net = mask_net
         self.cache = cache
+        self.acceleration = acceleration
+        self.video_codec = video_codec
         self._vaes: Dict[torch.dtype, torch.nn.Module] = {}
         self._unets: Dict[Tuple[str, torch.dtype], torch.nn.Module] = {}
 
@@ -123,22 +129,28 @@ class LipSyncPipeline:
         versions: Sequence[str] = ("v15",),
         cache_dir: Optional[Path] = None,
         cache_max_bytes: int = 20 * 2**30,
+        acceleration: Acceleration = Acceleration(),
+        video_encoder: str = "auto",
     ) -> "LipSyncPipeline":
         """Loads every model from ``models_dir`` (standard layout) onto ``device``.
 
         Args:
             device: ``auto``, ``cuda``, ``mps`` or ``cpu``.
-            fp16: also prepare float16 models now (default: on CUDA only).
+            fp16: also prepare half-precision models now (default: on CUDA only).
             landmarks: face back-end, ``dwpose``, ``dlib`` or ``auto``.
             versions: UNets to load now (others load at their first job).
             cache_dir: avatar cache folder (e.g. on a network volume); None: no cache.
             cache_max_bytes: size bound of the avatar cache.
+            acceleration: half dtype, torch.compile and memory format of the UNet and VAE decoder.
+            video_encoder: ``auto`` (NVENC where it works, else libx264), ``libx264`` or
+                ``h264_nvenc``; chosen now, so a bad choice fails at load, not in a job.
         """
         chosen = resolve_device(device)
         faces = load_face_analyzer(landmarks, models_dir, chosen)
         cache = AvatarCache(cache_dir, cache_max_bytes) if cache_dir is not None else None
         pipe = cls(
-            models_dir, chosen, faces, load_audio_encoder(models_dir, chosen), load_face_parser(models_dir, chosen), cache
+            models_dir, chosen, faces, load_audio_encoder(models_dir, chosen), load_face_parser(models_dir, chosen),
+            cache, acceleration, choose_video_codec(video_encoder),
         )
         dtypes = [torch.float32]
         if chosen.type == "cuda" if fp16 is None else fp16:
@@ -149,10 +161,12 @@ class LipSyncPipeline:
         return pipe
 
     def warm_up(self, options: EngineOptions = EngineOptions()) -> None:
-        """Runs the generator once on zeros so the first job does not pay for kernel set-up."""
-        generator = self._generator(options.resolved())
-        latents = torch.zeros(1, 8, 32, 32)
-        generator.decode(generator.predict_latents(latents, torch.zeros(1, 50, 384)))
+        """Runs every loaded UNet and VAE decoder once on zeros, so the first job does not pay for
+        kernel set-up or, with ``torch.compile``, for compiling at ``options``' batch size."""
+        for version, dtype in list(self._unets):
+            generator = self._generator(dataclasses.replace(options, version=version, fp16=dtype != torch.float32))
+            size = generator.fixed_batch or 1
+            generator.decode(generator.predict_latents(torch.zeros(size, 8, 32, 32), torch.zeros(size, 50, 384)))
 
     def __call__(
         self,
@@ -191,7 +205,8 @@ class LipSyncPipeline:
             store, cache_hit = self._prepared_source(source_info, options, generator, len(prompts), Path(scratch), timer, report)
             try:
                 report("generate", 0, len(prompts))
-                with VideoEncoder(Path(output), width, height, fps, audio_info.path, options.crf) as encoder:
+                with VideoEncoder(Path(output), width, height, fps, audio_info.path, options.crf,
+                                  self.video_codec) as encoder:
                     self._generate(store, prompts, generator, options, encoder, timer, report)
                     report("encode", 0, 1)
                     with timer("encode"):
@@ -385,7 +400,8 @@ class LipSyncPipeline:
 
     def _generator(self, options: EngineOptions) -> FaceGenerator:
         dtype = self._half_dtype() if options.fp16 else torch.float32
-        return FaceGenerator(self._unet(options.version, dtype), self._vae(dtype))
+        fixed_batch = options.batch_size if self.acceleration.compile != "off" else None
+        return FaceGenerator(self._unet(options.version, dtype), self._vae(dtype), fixed_batch)
 
     def _half_dtype(self) -> torch.dtype:
         if self.device.type == "cpu":
@@ -394,16 +410,19 @@ class LipSyncPipeline:
                 "fp16 needs a GPU (CUDA or MPS); this worker runs on the CPU. Set fp16 to false.",
                 stage="validate",
             )
-        return torch.float16
+        return getattr(torch, self.acceleration.half_dtype)
 
     def _vae(self, dtype: torch.dtype) -> torch.nn.Module:
         if dtype not in self._vaes:
-            self._vaes[dtype] = load_vae(self.models_dir, self.device, dtype)
+            vae = load_vae(self.models_dir, self.device, dtype)
+            speed_up(vae.decoder, self.acceleration)
+            self._vaes[dtype] = vae
         return self._vaes[dtype]
 
     def _unet(self, version: str, dtype: torch.dtype) -> torch.nn.Module:
         if (version, dtype) not in self._unets:
-            self._unets[(version, dtype)] = load_unet(self.models_dir, version, self.device, dtype)
+            unet = load_unet(self.models_dir, version, self.device, dtype)
+            self._unets[(version, dtype)] = speed_up(unet, self.acceleration)
             self._vae(dtype)
         return self._unets[(version, dtype)]
 

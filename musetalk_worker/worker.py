@@ -71,7 +71,9 @@ class Worker:
 
             engine = LipSyncPipeline.from_models(settings.models_dir, device=settings.device,
                                                  landmarks=settings.landmarks, cache_dir=settings.avatar_cache_dir,
-                                                 cache_max_bytes=settings.avatar_cache_bytes)
+                                                 cache_max_bytes=settings.avatar_cache_bytes,
+                                                 acceleration=settings.acceleration,
+                                                 video_encoder=settings.video_encoder)
             loaded = time.perf_counter()
             engine.warm_up()
         except LipSyncError as err:

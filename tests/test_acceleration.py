@@ -1,0 +1,76 @@
+"""The deployment's acceleration choices: settings, fixed-shape batches, and torch.compile on the CPU.
+
+torch.compile runs here for real (Inductor, C++ on the CPU): the first
+compile of the fixture's small UNet and VAE decoder takes a minute or two on
+two cores. Its speed on a GPU is measured by bench/speed.py, not here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo.utils
+
+from musetalk_worker import EngineOptions
+from musetalk_worker.generate import FaceGenerator
+from musetalk_worker.models import load_unet, load_vae
+from musetalk_worker.options import Acceleration, WorkerSettings
+from musetalk_worker.pipeline import LipSyncPipeline
+
+
+def test_settings_are_read_and_checked():
+    settings = WorkerSettings.from_env(
+        {"MUSETALK_HALF_DTYPE": "bfloat16", "MUSETALK_COMPILE": "reduce-overhead", "MUSETALK_CHANNELS_LAST": "true"}
+    )
+    assert settings.acceleration == Acceleration("bfloat16", "reduce-overhead", True)
+    assert WorkerSettings.from_env({}).acceleration == Acceleration("float16", "off", False)
+    with pytest.raises(ValueError, match="MUSETALK_COMPILE"):
+        WorkerSettings.from_env({"MUSETALK_COMPILE": "fast"})
+    with pytest.raises(ValueError, match="MUSETALK_HALF_DTYPE"):
+        WorkerSettings.from_env({"MUSETALK_HALF_DTYPE": "float8"})
+    with pytest.raises(ValueError, match="compile"):
+        Acceleration(compile="max")
+
+
+def test_a_padded_batch_gives_what_the_unpadded_one_does(fixture_models):
+    cpu = torch.device("cpu")
+    unet, vae = load_unet(fixture_models, "v15", cpu, torch.float32), load_vae(fixture_models, cpu, torch.float32)
+    torch.manual_seed(0)
+    latents, prompts = torch.randn(3, 8, 32, 32), torch.randn(3, 50, 384)
+    plain, padded = FaceGenerator(unet, vae), FaceGenerator(unet, vae, fixed_batch=5)
+    expected = plain.predict_latents(latents, prompts)
+    got = padded.predict_latents(latents, prompts)
+    assert got.shape == expected.shape == (3, 4, 32, 32)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    faces = padded.decode(got)
+    assert faces.shape == (3, 256, 256, 3)
+    assert (faces.int() - plain.decode(expected).int()).abs().max() <= 1
+
+
+def _frames(path) -> np.ndarray:
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "bgr24", "pipe:1"],
+                         capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8)
+
+
+def test_a_compiled_engine_compiles_at_warm_up_and_matches_the_eager_one(fixture_models, media_dir, tmp_path):
+    audio = tmp_path / "speech.wav"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(media_dir / "eng.wav"), "-t", "0.5", str(audio)], check=True)
+    # 12 output frames in batches of 5: the last batch (2 frames) is padded to the compiled shape.
+    options = EngineOptions(boxes=[(217, 283, 465, 523)], batch_size=5)
+    eager = LipSyncPipeline.from_models(fixture_models, device="cpu", landmarks="dlib")
+    eager(media_dir / "yongen.jpeg", audio, tmp_path / "eager.mp4", options)
+
+    compiled = LipSyncPipeline.from_models(fixture_models, device="cpu", landmarks="dlib",
+                                           acceleration=Acceleration(compile="default"))
+    compiled.warm_up(options)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2, "the UNet and the VAE decoder compile during warm-up"
+    result = compiled(media_dir / "yongen.jpeg", audio, tmp_path / "compiled.mp4", options)
+    assert result.frames == 12
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a job must not recompile"
+    difference = np.abs(_frames(tmp_path / "compiled.mp4").astype(int) - _frames(tmp_path / "eager.mp4").astype(int))
+    assert difference.mean() < 0.05 and np.percentile(difference, 99.9) <= 2
