@@ -99,7 +99,8 @@ class FaceBlender:
             host_alphas[k, : y2 - y1, : x2 - x1, 0] = masks[k].alpha[inside]
             face = faces[k].to(self.device).permute(2, 0, 1).unsqueeze(0).float()
             face = F.interpolate(face, size=(by2 - by1, bx2 - bx1), mode="bilinear", align_corners=False)
-            resized[k, : y2 - y1, : x2 - x1] = face[0, :, inside[0], inside[1]].round_().permute(1, 2, 0).to(torch.int32)
+            part = face[0, :, inside[0], inside[1]].round_().permute(1, 2, 0)
+            resized[k, : y2 - y1, : x2 - x1] = part.to(torch.int32)
         source = packed_sources.to(self.device, non_blocking=True).to(torch.int32)
         alpha = packed_alphas.to(self.device, non_blocking=True).to(torch.int32)
         mixed = source * (255 - alpha) + resized.clamp_(0, 255) * alpha + 128

@@ -10,7 +10,8 @@ keep only the face box's part in the lower half of the square, then blur.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Sequence
+from concurrent.futures import Executor
+from typing import List, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -49,8 +50,17 @@ def _jaw_dilation_kernel() -> np.ndarray:
 class MaskMaker:
     """Builds blend masks with a loaded BiSeNet, for one parsing mode and cheek widths."""
 
-    def __init__(self, net: BiSeNet, mode: str = "jaw", left_cheek_width: int = 90, right_cheek_width: int = 90):
+    def __init__(
+        self,
+        net: BiSeNet,
+        mode: str = "jaw",
+        left_cheek_width: int = 90,
+        right_cheek_width: int = 90,
+        pool: Optional[Executor] = None,
+    ):
+        """``pool``: threads for the per-frame image work (OpenCV and PIL release the GIL)."""
         self.net = net
+        self._map = pool.map if pool is not None else map
         self.mode = mode
         self._dilate = _jaw_dilation_kernel()
         self._erode = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3))
@@ -65,7 +75,8 @@ class MaskMaker:
     def parse(self, squares: Sequence[Image.Image]) -> np.ndarray:
         """Face-parsing classes [B,512,512] (uint8) of RGB PIL squares."""
         param = next(self.net.parameters())
-        batch = np.stack([np.asarray(s.resize((PARSE_SIZE, PARSE_SIZE), Image.BILINEAR)) for s in squares])
+        resized = self._map(lambda square: np.asarray(square.resize((PARSE_SIZE, PARSE_SIZE), Image.BILINEAR)), squares)
+        batch = np.stack(list(resized))
         x = torch.from_numpy(batch).to(param.device).permute(0, 3, 1, 2).float().div_(255)
         mean = torch.tensor(_IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(_IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
@@ -89,9 +100,9 @@ class MaskMaker:
 
     def make(self, frames: Sequence[np.ndarray], boxes: Sequence[Box]) -> List[BlendMask]:
         """Blend masks for BGR source frames and their face boxes (extra margin applied)."""
-        squares = [_square_crop(frame, box) for frame, box in zip(frames, boxes)]
+        squares = list(self._map(_square_crop, frames, boxes))
         classes = self.parse(squares)
-        return [self._finish(self.region(c), box) for c, box in zip(classes, boxes)]
+        return list(self._map(lambda c, box: self._finish(self.region(c), box), classes, boxes))
 
     @staticmethod
     def _finish(region: np.ndarray, box: Box) -> BlendMask:

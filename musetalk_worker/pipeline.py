@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from . import boxes as box_math
 from .audio import AudioEncoder, AudioPrompts
 from .avatar_cache import AvatarCache
 from .blend import BlendedBatch, FaceBlender, visible_part
-from .decode import MediaInfo, iter_video_frames, load_audio, probe, read_image
+from .decode import MediaInfo, iter_video_frames, load_audio, probe_inputs, read_image
 from .encode import VideoEncoder, choose_video_codec
 from .errors import ErrorCode, LipSyncError
 from .faces import FaceAnalyzer, load_face_analyzer
@@ -115,6 +117,8 @@ class LipSyncPipeline:
         self.cache = cache
         self.acceleration = acceleration
         self.video_codec = video_codec
+        # Per-frame image work of the prepare pass (crops, mask shaping) runs on these threads.
+        self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="prepare")
         self._vaes: Dict[torch.dtype, torch.nn.Module] = {}
         self._unets: Dict[Tuple[str, torch.dtype], torch.nn.Module] = {}
 
@@ -170,8 +174,8 @@ class LipSyncPipeline:
 
     def __call__(
         self,
-        source: Path,
-        audio: Path,
+        source: Union[Path, MediaInfo],
+        audio: Union[Path, MediaInfo],
         output: Path,
         options: EngineOptions = EngineOptions(),
         *,
@@ -179,6 +183,9 @@ class LipSyncPipeline:
         workdir: Optional[Path] = None,
     ) -> LipSyncResult:
         """Makes ``output`` (mp4): the source's face speaking ``audio``.
+
+        ``source`` and ``audio`` are paths, or what :func:`decode.probe_inputs`
+        returned for them (then they are not probed again).
 
         Raises:
             LipSyncError: bad media, no face in any frame, missing models.
@@ -190,7 +197,7 @@ class LipSyncPipeline:
 
         report("decode", 0, 1)
         with timer("decode"):
-            source_info, audio_info = _probe_inputs(Path(source), Path(audio))
+            source_info, audio_info = probe_inputs(source, audio)
             samples = load_audio(audio_info)
         fps = source_info.fps if source_info.kind == "video" else Fraction(options.fps).limit_denominator(1001)
         prompts = self.audio_encoder.prompts(samples, fps)
@@ -304,7 +311,8 @@ class LipSyncPipeline:
         else:
             frames = iter([read_image(info.path)])
             expected = 1
-        masks = MaskMaker(self.mask_net, options.parsing_mode, options.left_cheek_width, options.right_cheek_width)
+        masks = MaskMaker(self.mask_net, options.parsing_mode, options.left_cheek_width, options.right_cheek_width,
+                          self._pool)
         latent_encoder = LatentEncoder(vae)
         report("prepare", 0, expected)
         decoded = Prefetcher(_batched(timer.timed_iter("decode", frames), options.batch_size), depth=1)
@@ -336,7 +344,8 @@ class LipSyncPipeline:
         prepared = {}
         if with_face:
             with timer("latents"):
-                latents = latent_encoder.encode([crop_face(batch[i], face_boxes[i]) for i in with_face])
+                latents = latent_encoder.encode(list(self._pool.map(crop_face, [batch[i] for i in with_face],
+                                                                    [face_boxes[i] for i in with_face])))
             with timer("masks"):
                 made = masks.make([batch[i] for i in with_face], [face_boxes[i] for i in with_face])
             prepared = dict(zip(with_face, zip(made, latents)))
@@ -470,24 +479,6 @@ def _frame_writer(store: SourceStore, encoder: VideoEncoder, timer: StageTimer) 
                 encoder.write(frame)
 
     return write
-
-
-def _probe_inputs(source: Path, audio: Path) -> Tuple[MediaInfo, MediaInfo]:
-    source_info = probe(source)
-    if source_info.kind == "audio":
-        raise LipSyncError(
-            ErrorCode.UNSUPPORTED_MEDIA,
-            f"the source '{source.name}' is audio only; the source must be a video or an image of a face.",
-            stage="decode",
-        )
-    audio_info = probe(audio)
-    if not audio_info.has_audio:
-        raise LipSyncError(
-            ErrorCode.UNSUPPORTED_MEDIA,
-            f"the audio '{audio.name}' has no sound track; send speech audio (wav, mp3, m4a, ogg, flac).",
-            stage="decode",
-        )
-    return source_info, audio_info
 
 
 def _given_box(boxes: Sequence[box_math.Box], index: int, width: int, height: int) -> box_math.Box:

@@ -184,8 +184,20 @@ def test_bad_media_is_a_clear_error(pipeline, clips, tmp_path, which):
         audio = clips["speech05s"]
     with pytest.raises(LipSyncError) as caught:
         pipeline(source, audio, tmp_path / "never.mp4", EngineOptions())
-    assert caught.value.code == ErrorCode.UNSUPPORTED_MEDIA
-    assert source.name in str(caught.value)
+    assert (caught.value.code, caught.value.stage) == (ErrorCode.UNSUPPORTED_MEDIA, "probe")
+    if which == "audio_as_source":
+        assert "'source' is an audio file with no picture" in str(caught.value)
+    else:
+        assert source.name in str(caught.value)
+
+
+def test_probed_inputs_are_checked_but_not_probed_again(pipeline, clips, tmp_path, probe_calls):
+    # The worker probes once and hands the MediaInfo pair on; the engine must still refuse a bad pair.
+    speech = probe(clips["speech05s"])  # this module's own probe, not the spy
+    with pytest.raises(LipSyncError) as caught:
+        pipeline(speech, speech, tmp_path / "never.mp4", EngineOptions())
+    assert caught.value.code == ErrorCode.UNSUPPORTED_MEDIA and "'source' is an audio file" in str(caught.value)
+    assert probe_calls == []
 
 
 def test_cli_reports_a_bad_input_in_one_line(fixture_models, tmp_path):
@@ -229,7 +241,8 @@ def test_a_cuda_float16_job_matches_the_cpu_job(pipeline, fixture_models, clips,
     gpu = LipSyncPipeline.from_models(fixture_models, device="cuda", landmarks="dlib")
     options = EngineOptions(batch_size=4)
     cpu_result = pipeline(clips["video1s"], clips["speech05s"], tmp_path / "cpu.mp4", options)
-    gpu_result = gpu(clips["video1s"], clips["speech05s"], tmp_path / "gpu.mp4", dataclasses.replace(options, fp16=True))
+    half = dataclasses.replace(options, fp16=True)
+    gpu_result = gpu(clips["video1s"], clips["speech05s"], tmp_path / "gpu.mp4", half)
     assert gpu_result.frames == cpu_result.frames
     assert {"unet", "vae_decode", "blend", "paste", "encode"} <= set(gpu_result.timings)
     for cpu_frame, gpu_frame in zip(_frames(tmp_path / "cpu.mp4"), _frames(tmp_path / "gpu.mp4")):
