@@ -14,7 +14,7 @@ import json
 import subprocess
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple, Union
 
 import cv2
 import librosa
@@ -116,6 +116,37 @@ def probe(path: Path) -> MediaInfo:
         f"'{path.name}' holds neither a picture nor sound; send a video, an image or an audio file.",
         stage="probe",
     )
+
+
+def probe_inputs(source: Union[Path, MediaInfo], audio: Union[Path, MediaInfo]) -> Tuple[MediaInfo, MediaInfo]:
+    """Probes a job's two inputs and refuses a pair that cannot make a lip-sync.
+
+    An input given as a ``MediaInfo`` (already probed) is only checked, so a
+    caller that probed once can hand the result on without a second ffprobe.
+
+    Raises:
+        LipSyncError(unsupported_media): either file is not media (see
+            :func:`probe`), ``source`` is audio only, or ``audio`` has no sound.
+    """
+    source_info = source if isinstance(source, MediaInfo) else probe(source)
+    if source_info.kind == "audio":
+        raise LipSyncError(
+            ErrorCode.UNSUPPORTED_MEDIA,
+            "'source' is an audio file with no picture; send a face video or a still image as 'source' "
+            "and the speech as 'audio'.",
+            stage="probe",
+        )
+    audio_info = audio if isinstance(audio, MediaInfo) else probe(audio)
+    if not audio_info.has_audio or audio_info.duration_s <= 0:
+        what = {"image": "an image without an audio track", "video": "a video without an audio track"}.get(
+            audio_info.kind, "an audio track of no length")
+        raise LipSyncError(
+            ErrorCode.UNSUPPORTED_MEDIA,
+            f"'audio' has no sound (it is {what}); send speech audio (wav, mp3, m4a, ogg, flac) or a video "
+            "with sound.",
+            stage="probe",
+        )
+    return source_info, audio_info
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
-from .decode import MediaInfo, probe
+from .decode import MediaInfo, probe_inputs
 from .errors import ErrorCode, LipSyncError
 from .fetch import S3Access, fetch_input, parse_input
 from .options import EngineOptions, WorkerSettings
@@ -41,7 +41,7 @@ _STEPPED_STAGES = ("generate",)
 class Engine(Protocol):
     """What the worker needs of ``LipSyncPipeline``."""
 
-    def __call__(self, source: Path, audio: Path, output: Path, options: EngineOptions, *,
+    def __call__(self, source: MediaInfo, audio: MediaInfo, output: Path, options: EngineOptions, *,
                  progress: Optional[Callable[[str, int, int], None]] = None,
                  workdir: Optional[Path] = None) -> Any: ...
 
@@ -137,11 +137,12 @@ class Worker:
             source, audio = (fetch_input(ref, scratch, self.settings, access) for ref in refs)
 
             progress.stage("probe")
-            check_media(source, audio, self.settings)
+            # Probed once here; the engine takes the MediaInfo pair and does not probe again.
+            source_info, audio_info = check_media(source, audio, self.settings)
 
             workdir = scratch / "engine"
             workdir.mkdir()
-            result = self.engine(source, audio, scratch / "result.mp4", options,
+            result = self.engine(source_info, audio_info, scratch / "result.mp4", options,
                                  progress=progress.engine, workdir=workdir)
 
             progress.stage("upload")
@@ -201,21 +202,14 @@ def _weights_problem(settings: WorkerSettings) -> Optional[str]:
 
 
 def check_media(source: Path, audio: Path, settings: WorkerSettings) -> tuple[MediaInfo, MediaInfo]:
-    """Probes both inputs and applies the worker's limits before the engine runs.
+    """Probes both inputs (:func:`decode.probe_inputs`) and applies the worker's limits before the engine runs.
 
     Raises:
         LipSyncError: ``unsupported_media`` (not media, audio as ``source``, no
             sound in ``audio``), ``too_long`` (over a duration limit),
             ``invalid_input`` (source larger than the resolution limit).
     """
-    src = probe(source)
-    if src.kind == "audio":
-        raise LipSyncError(
-            ErrorCode.UNSUPPORTED_MEDIA,
-            "'source' is an audio file with no picture; send a face video or a still image as 'source' "
-            "and the speech as 'audio'.",
-            stage="probe",
-        )
+    src, aud = probe_inputs(source, audio)
     if src.width > settings.max_source_width or src.height > settings.max_source_height:
         raise LipSyncError(
             ErrorCode.INVALID_INPUT,
@@ -228,14 +222,6 @@ def check_media(source: Path, audio: Path, settings: WorkerSettings) -> tuple[Me
             ErrorCode.TOO_LONG,
             f"'source' video is {src.duration_s:.1f} s long; the limit is {settings.max_source_s:g} s "
             "(MUSETALK_MAX_SOURCE_SECONDS). Trim it.",
-            stage="probe",
-        )
-    aud = probe(audio)
-    if not aud.has_audio or aud.duration_s <= 0:
-        raise LipSyncError(
-            ErrorCode.UNSUPPORTED_MEDIA,
-            f"'audio' has no sound (it is {'an' if aud.kind == 'image' else 'a'} {aud.kind} without an audio "
-            "track); send speech audio (wav, mp3, m4a, ogg, flac) or a video with sound.",
             stage="probe",
         )
     if aud.duration_s > settings.max_audio_s:

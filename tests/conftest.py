@@ -1,10 +1,11 @@
-"""Shared test fixtures: where the shared media and parity fixtures are, and ffprobe."""
+"""Shared test fixtures: where the shared media and parity fixtures are, ffprobe, and a probe spy."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,24 @@ def fixture_models() -> Path:
     if not FIXTURE_MODELS.is_dir():
         pytest.skip(f"parity fixture models not found at {FIXTURE_MODELS}")
     return FIXTURE_MODELS
+
+
+@pytest.fixture
+def probe_calls(monkeypatch) -> list:
+    """The paths ``decode.probe`` is called with while the test runs (the real probe still runs).
+
+    Every loaded ``musetalk_worker`` module that holds the real ``probe`` gets the spy, so a
+    ``from .decode import probe`` anywhere is counted too.
+    """
+    from musetalk_worker import decode
+
+    real, calls = decode.probe, []
+
+    def spy(path):
+        calls.append(Path(path))
+        return real(path)
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "musetalk_worker" and getattr(module, "probe", None) is real:
+            monkeypatch.setattr(module, "probe", spy)
+    return calls

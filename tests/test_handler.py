@@ -173,6 +173,13 @@ def test_bad_job_then_good_job(case, worker, served, good, tmp_path):
     _check_good(worker, good, tmp_path)
 
 
+def test_a_job_probes_each_input_once(worker, good, tmp_path, probe_calls):
+    # The worker's probe stage probes both inputs; the engine takes its MediaInfo pair.
+    result = _check_good(worker, good, tmp_path, "probe-once")
+    assert sorted(path.stem for path in probe_calls) == ["audio", "source"], probe_calls
+    assert "probe" in result["timings"]
+
+
 def test_private_address_refused_without_the_setting(worker, good, tmp_path):
     strict = Worker(dataclasses.replace(worker.settings, allow_private_urls=False), engine=worker.engine)
     result = strict.run(good, "private")
