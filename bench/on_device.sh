@@ -25,8 +25,8 @@
 #                ends within this many seconds of the start (default 570: a call is cut
 #                at 600 s); one left out is named in the last line, for another call
 #   MMCV_OPS=1   build mmcv 2.1.0 with its CPU ops from .kit/sdist instead of using
-#                mmcv-lite with an import stub (24 min on 2 busy cores here: about
-#                3 min on 16, estimated)
+#                mmcv-lite with an import stub (13.5 min on 2 cores here: about
+#                2 min on 16, estimated)
 #   PY           the interpreter (default python3; the kit's wheels are for CPython 3.12)
 #   STATE        where the kit is installed (default /tmp/musetalk-kit)
 set -euo pipefail
