@@ -111,6 +111,9 @@ UNET_DIR = "musetalkV15"
 VAE_DIR = "sd-vae"
 WHISPER_DIR = "whisper"
 BISENET_FILE = Path("face-parse-bisent") / "79999_iter.pth"
+# ImageNet ResNet-18: the engine never reads it (the parser's checkpoint holds its
+# backbone), but it is in the weights lock and upstream's BiSeNet starts from it.
+RESNET18_FILE = Path("face-parse-bisent") / "resnet18-5c106cde.pth"
 
 
 def default_dest(tiny: bool = False) -> Path:
@@ -139,6 +142,7 @@ def build_models(dest: Path, *, tiny: bool = False, with_dwpose: bool = False, s
     _write_vae(dest, {**VAE_CONFIG, **(_TINY_VAE if tiny else {})}, seed)
     _write_whisper(dest, {**WHISPER_CONFIG, **(_TINY_WHISPER if tiny else {})}, seed)
     _write_bisenet(dest, seed)
+    _write_resnet18(dest, seed)
     if with_dwpose:
         _write_s3fd(dest, seed)
         _write_dwpose(dest, seed)
@@ -226,6 +230,16 @@ def _write_bisenet(dest: Path, seed: int) -> None:
             state[f"{head}.{key}"] = value
     (dest / BISENET_FILE).parent.mkdir(exist_ok=True)
     _atomic_write(dest / BISENET_FILE, lambda p: torch.save(state, p))
+
+
+def _write_resnet18(dest: Path, seed: int) -> None:
+    from torchvision.models import resnet18
+
+    if (dest / RESNET18_FILE).exists():
+        return
+    torch.manual_seed(seed)
+    (dest / RESNET18_FILE).parent.mkdir(exist_ok=True)
+    _atomic_write(dest / RESNET18_FILE, lambda p: torch.save(resnet18(weights=None).state_dict(), p))
 
 
 def _write_s3fd(dest: Path, seed: int) -> None:

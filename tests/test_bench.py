@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.media import make_job_media, make_video
-from bench.random_models import UNET_CONFIG, build_models, random_state
+from bench.random_models import RESNET18_FILE, UNET_CONFIG, build_models, random_state
 from bench.speed import FP16_REFUSED, STAGES
 from conftest import ROOT, ffprobe
 from musetalk_worker import models
@@ -31,6 +31,11 @@ def test_tiny_models_load_with_the_engine_loaders(tiny_models):
     encoder = models.load_audio_encoder(tiny_models, cpu)
     assert encoder.encoder.config.encoder_layers == 4 and encoder.extractor.feature_size == 80
     models.load_face_parser(tiny_models, cpu)
+    # The ImageNet ResNet-18 upstream's BiSeNet starts from (in the weights lock too).
+    from torchvision.models import resnet18
+
+    backbone = torch.load(tiny_models / RESNET18_FILE, weights_only=True)
+    resnet18(weights=None).load_state_dict(backbone)
     # Like the published file, the parser's checkpoint holds the auxiliary heads the loader drops.
     state = torch.load(tiny_models / models.FACE_PARSING_WEIGHTS, weights_only=True)
     assert state["conv_out16.conv.conv.weight"].shape == (64, 128, 3, 3)
