@@ -343,11 +343,11 @@ class LipSyncPipeline:
         with_face = [i for i, b in enumerate(face_boxes) if b is not None]
         prepared = {}
         if with_face:
+            frames, boxes = [batch[i] for i in with_face], [face_boxes[i] for i in with_face]
             with timer("latents"):
-                latents = latent_encoder.encode(list(self._pool.map(crop_face, [batch[i] for i in with_face],
-                                                                    [face_boxes[i] for i in with_face])))
+                latents = latent_encoder.encode(list(self._pool.map(crop_face, frames, boxes)))
             with timer("masks"):
-                made = masks.make([batch[i] for i in with_face], [face_boxes[i] for i in with_face])
+                made = masks.make(frames, boxes)
             prepared = dict(zip(with_face, zip(made, latents)))
         for i, frame in enumerate(batch):
             mask, latent = prepared.get(i, (None, None))
