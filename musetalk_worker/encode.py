@@ -14,10 +14,9 @@ from typing import Optional
 import numpy as np
 
 from .errors import ErrorCode, LipSyncError
+from .options import VIDEO_CODECS
 
 logger = logging.getLogger(__name__)
-
-VIDEO_CODECS = ("auto", "libx264", "h264_nvenc")
 
 # libx264's "veryfast" preset encodes several times faster than the default
 # "medium" at a slightly larger file for the same CRF; users pay for GPU seconds.

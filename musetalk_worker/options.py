@@ -118,6 +118,7 @@ def _invalid(name: str, value: object, allowed: str) -> None:
 
 
 HALF_DTYPES: Tuple[str, ...] = ("float16", "bfloat16")
+VIDEO_CODECS: Tuple[str, ...] = ("auto", "libx264", "h264_nvenc")
 COMPILE_MODES: Tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
 
 
@@ -254,7 +255,7 @@ class WorkerSettings:
             models_dir=env.path("MUSETALK_MODELS_DIR") or cls.models_dir,
             device=env.choice("MUSETALK_DEVICE", ("auto", "cuda", "cpu"), cls.device),
             landmarks=env.choice("MUSETALK_LANDMARKS", ("auto", "dwpose", "dlib"), cls.landmarks),
-            video_encoder=env.choice("MUSETALK_VIDEO_ENCODER", ("auto", "libx264", "h264_nvenc"), cls.video_encoder),
+            video_encoder=env.choice("MUSETALK_VIDEO_ENCODER", VIDEO_CODECS, cls.video_encoder),
             max_audio_s=env.number("MUSETALK_MAX_AUDIO_SECONDS", cls.max_audio_s),
             max_source_s=env.number("MUSETALK_MAX_SOURCE_SECONDS", cls.max_source_s),
             max_source_width=int(env.number("MUSETALK_MAX_SOURCE_WIDTH", cls.max_source_width)),

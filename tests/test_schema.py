@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from musetalk_worker.encode import VIDEO_CODECS
 from musetalk_worker.errors import ErrorCode, LipSyncError
-from musetalk_worker.options import LIMITS, EngineOptions, WorkerSettings
+from musetalk_worker.options import LIMITS, VIDEO_CODECS, EngineOptions, WorkerSettings
 from musetalk_worker.schema import JobInput, engine_field_names, parse_job
 
 GOOD = {"source": "https://example.com/face.mp4", "audio": "https://example.com/speech.wav"}
