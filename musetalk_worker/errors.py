@@ -22,6 +22,7 @@ class ErrorCode(str, enum.Enum):
     OUT_OF_MEMORY = "out_of_memory"
     MODELS_MISSING = "models_missing"
     INTERNAL = "internal"
+    CANCELLED = "cancelled"
 
 
 class LipSyncError(Exception):

@@ -117,6 +117,37 @@ def _invalid(name: str, value: object, allowed: str) -> None:
     )
 
 
+STREAM_FORMATS: Tuple[str, ...] = ("hls",)
+# Inclusive ranges of the stream options: (min, max).
+STREAM_LIMITS = {"segment_seconds": (0.5, 4.0), "first_segment_seconds": (0.0, 4.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamOptions:
+    """How a job's video is also published while it is made (``output.stream``).
+
+    Attributes:
+        format: ``hls`` (fMP4 segments and an EVENT playlist), the only one.
+        segment_seconds: length of every segment after the first; also the
+            keyframe interval.
+        first_segment_seconds: length of the first segment (shorter means the
+            first video arrives sooner); 0 means ``segment_seconds``.
+        low_latency_encoder: encode without look-ahead (x264 ``zerolatency``),
+            so a segment is finished as soon as its last frame arrives, for
+            somewhat larger files.
+    """
+
+    format: str = "hls"
+    segment_seconds: float = 1.0
+    first_segment_seconds: float = 0.5
+    low_latency_encoder: bool = True
+
+    @property
+    def first_seconds(self) -> float:
+        """The first segment's length, with 0 meaning ``segment_seconds``."""
+        return self.first_segment_seconds or self.segment_seconds
+
+
 HALF_DTYPES: Tuple[str, ...] = ("float16", "bfloat16")
 VIDEO_CODECS: Tuple[str, ...] = ("auto", "libx264", "h264_nvenc")
 COMPILE_MODES: Tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
