@@ -6,6 +6,11 @@ new speech) skip that work: a finished :class:`~musetalk_worker.store.SourceStor
 is saved under a key made of the source's SHA-256 and every option that changes
 the prepared data. The folder may be a RunPod network volume shared by workers.
 
+The key is also the avatar's id, which a later job may give instead of the
+source. It is an HMAC of that description under a random secret kept in the
+cache folder, so nobody can compute or guess an id without having been told
+it, not even from the source's bytes (160 bits).
+
 - Entries are created in a temporary folder and renamed into place, so a
   reader never sees half an entry.
 - Each entry's data carries a CRC-32 checked on every hit; a corrupted entry is
@@ -17,23 +22,29 @@ the prepared data. The folder may be a RunPod network volume shared by workers.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, Optional
 
+from .options import AVATAR_ID_PATTERN
 from .store import INDEX_FILE, CorruptStoreError, SourceStore
 from .weights import file_sha256
 
 logger = logging.getLogger(__name__)
 
 _TEMP_PREFIX = ".incoming-"
+SECRET_FILE = ".secret"
 # Bump when what a store holds, or how it is computed, changes.
-_KEY_VERSION = 1
+_KEY_VERSION = 2
+_ID = re.compile(AVATAR_ID_PATTERN)
 
 
 class AvatarCache:
@@ -43,14 +54,17 @@ class AvatarCache:
         self.root = Path(root)
         self.max_bytes = int(max_bytes)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._secret = _shared_secret(self.root / SECRET_FILE)
 
     def key(self, source: Path, settings: Mapping[str, object]) -> str:
-        """The entry name for ``source`` prepared with ``settings`` (JSON-serialisable)."""
+        """The entry name (and avatar id) for ``source`` prepared with ``settings`` (JSON-serialisable)."""
         described = json.dumps({"v": _KEY_VERSION, "source": file_sha256(source), **settings}, sort_keys=True)
-        return hashlib.sha256(described.encode()).hexdigest()[:40]
+        return hmac.new(self._secret, described.encode(), hashlib.sha256).hexdigest()[:40]
 
     def open(self, key: str) -> Optional[SourceStore]:
-        """The saved store for ``key``, or None on a miss; a corrupted entry is removed."""
+        """The saved store for ``key``, or None on a miss (or a malformed key); a corrupted entry is removed."""
+        if not _ID.fullmatch(key):
+            return None
         folder = self.root / key
         if not (folder / INDEX_FILE).exists():
             return None
@@ -100,3 +114,23 @@ class AvatarCache:
             shutil.rmtree(folder, ignore_errors=True)
             total -= size
             logger.info("avatar cache: evicted %s (last used %s)", folder.name, time.ctime(used))
+
+
+def _shared_secret(path: Path) -> bytes:
+    """The cache's HMAC secret: read from ``path``, or made there once (safe when workers race)."""
+    if not path.exists():
+        draft = path.with_name(f"{path.name}.{secrets.token_hex(8)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+        try:
+            # A link fails if another worker made the secret first; theirs wins, so all agree.
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    secret = bytes.fromhex(path.read_text().strip())
+    if len(secret) < 32:
+        raise ValueError(f"{path} holds no valid avatar cache secret; delete it (the cache's ids then change)")
+    return secret

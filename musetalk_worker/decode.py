@@ -118,18 +118,20 @@ def probe(path: Path) -> MediaInfo:
     )
 
 
-def probe_inputs(source: Union[Path, MediaInfo], audio: Union[Path, MediaInfo]) -> Tuple[MediaInfo, MediaInfo]:
+def probe_inputs(source: Union[Path, MediaInfo, None],
+                 audio: Union[Path, MediaInfo]) -> Tuple[Optional[MediaInfo], MediaInfo]:
     """Probes a job's two inputs and refuses a pair that cannot make a lip-sync.
 
     An input given as a ``MediaInfo`` (already probed) is only checked, so a
     caller that probed once can hand the result on without a second ffprobe.
+    ``source`` is None for a job that names a prepared avatar instead.
 
     Raises:
         LipSyncError(unsupported_media): either file is not media (see
             :func:`probe`), ``source`` is audio only, or ``audio`` has no sound.
     """
-    source_info = source if isinstance(source, MediaInfo) else probe(source)
-    if source_info.kind == "audio":
+    source_info = source if source is None or isinstance(source, MediaInfo) else probe(source)
+    if source_info is not None and source_info.kind == "audio":
         raise LipSyncError(
             ErrorCode.UNSUPPORTED_MEDIA,
             "'source' is an audio file with no picture; send a face video or a still image as 'source' "

@@ -21,6 +21,8 @@ ParsingMode = Literal["jaw", "raw", "neck"]
 Box = Tuple[int, int, int, int]
 
 VERSIONS: Tuple[str, ...] = ("v15", "v1")
+# An avatar id as the avatar cache makes them (40 hex digits: 160 bits).
+AVATAR_ID_PATTERN = r"^[0-9a-f]{40}$"
 PARSING_MODES: Tuple[str, ...] = ("jaw", "raw", "neck")
 
 # Inclusive ranges for the numeric options: (min, max).

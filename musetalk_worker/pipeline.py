@@ -14,6 +14,7 @@ whatever the length:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,27 +22,26 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from . import boxes as box_math
 from .audio import AudioEncoder, AudioPrompts
 from .avatar_cache import AvatarCache
 from .blend import BlendedBatch, FaceBlender, visible_part
-from .decode import MediaInfo, iter_video_frames, load_audio, probe_inputs, read_image
-from .encode import VideoEncoder, choose_video_codec
+from .decode import MediaInfo, load_audio, probe_inputs
+from .encode import HlsOutput, VideoEncoder, choose_video_codec
 from .errors import ErrorCode, LipSyncError
 from .faces import FaceAnalyzer, load_face_analyzer
 from .generate import FaceGenerator
-from .latents import LatentEncoder, crop_face
-from .masks import BlendMask, MaskMaker
+from .masks import BlendMask
 from .models import (
     FACE_PARSING_WEIGHTS, VAE_DIR, load_audio_encoder, load_face_parser, load_unet, load_vae, speed_up,
 )
 from .options import Acceleration, EngineOptions
 from .overlap import BackgroundConsumer, Prefetcher
+from .prepare import Preparation, Prepared
 from .store import SourceStore
 from .timing import StageTimer
 
@@ -67,6 +67,7 @@ class LipSyncResult:
     frames_without_face: int
     timings: Dict[str, float]
     cache_hit: Optional[bool] = None  # None when no avatar cache is set
+    avatar_id: Optional[str] = None  # the prepared source's id in the avatar cache (None without one)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -174,21 +175,29 @@ class LipSyncPipeline:
 
     def __call__(
         self,
-        source: Union[Path, MediaInfo],
+        source: Union[Path, MediaInfo, None],
         audio: Union[Path, MediaInfo],
         output: Path,
         options: EngineOptions = EngineOptions(),
         *,
+        avatar_id: Optional[str] = None,
         progress: Optional[Progress] = None,
         workdir: Optional[Path] = None,
+        hls: Optional[HlsOutput] = None,
     ) -> LipSyncResult:
         """Makes ``output`` (mp4): the source's face speaking ``audio``.
 
         ``source`` and ``audio`` are paths, or what :func:`decode.probe_inputs`
-        returned for them (then they are not probed again).
+        returned for them (then they are not probed again). Instead of
+        ``source``, ``avatar_id`` (a result's ``avatar_id``) takes the prepared
+        source from the avatar cache: nothing of the source is decoded or
+        prepared again, and the options that shape preparation (face boxes,
+        margins, masks) are those it was prepared with. With ``hls`` the same
+        encode also writes HLS segments as the frames are made.
 
         Raises:
-            LipSyncError: bad media, no face in any frame, missing models.
+            LipSyncError: bad media, no face in any frame, missing models, an
+                avatar id the cache does not hold.
         """
         options = options.resolved()
         report = progress or (lambda stage, done, total: None)
@@ -199,27 +208,38 @@ class LipSyncPipeline:
         with timer("decode"):
             source_info, audio_info = probe_inputs(source, audio)
             samples = load_audio(audio_info)
-        fps = source_info.fps if source_info.kind == "video" else Fraction(options.fps).limit_denominator(1001)
-        prompts = self.audio_encoder.prompts(samples, fps)
-        if len(prompts) == 0:
-            raise LipSyncError(
-                ErrorCode.INVALID_INPUT,
-                f"the audio lasts {len(samples) / 16000:.3f} s, shorter than one video frame; send longer speech.",
-                stage="decode",
-            )
-        height, width = source_info.height, source_info.width
-        with tempfile.TemporaryDirectory(prefix="musetalk-", dir=workdir) as scratch:
-            store, cache_hit = self._prepared_source(source_info, options, generator, len(prompts), Path(scratch), timer, report)
-            try:
-                report("generate", 0, len(prompts))
-                with VideoEncoder(Path(output), width, height, fps, audio_info.path, options.crf,
-                                  self.video_codec) as encoder:
-                    self._generate(store, prompts, generator, options, encoder, timer, report)
-                    report("encode", 0, 1)
-                    with timer("encode"):
-                        encoder.close()
-            finally:
-                store.close(delete=cache_hit is None)
+        avatar = self._avatar(avatar_id) if source_info is None else None
+        try:
+            kind = avatar.meta["kind"] if avatar is not None else source_info.kind
+            if kind == "video":
+                fps = Fraction(avatar.meta["fps"]) if avatar is not None else source_info.fps
+            else:
+                fps = Fraction(options.fps).limit_denominator(1001)
+            prompts = self.audio_encoder.prompts(samples, fps)
+            if len(prompts) == 0:
+                raise LipSyncError(
+                    ErrorCode.INVALID_INPUT,
+                    f"the audio lasts {len(samples) / 16000:.3f} s, shorter than one video frame; send longer "
+                    "speech.",
+                    stage="decode",
+                )
+        except BaseException:
+            if avatar is not None:  # from here on _source closes it
+                avatar.close(delete=False)
+            raise
+        with tempfile.TemporaryDirectory(prefix="musetalk-", dir=workdir) as scratch, \
+                self._source(source_info, avatar, options, generator, len(prompts), Path(scratch), timer,
+                             report) as (prepared, key):
+            store = prepared.store
+            report("generate", 0, len(prompts))
+            with VideoEncoder(Path(output), store.width, store.height, fps, audio_info.path, options.crf,
+                              self.video_codec, hls=hls) as encoder:
+                self._generate(prepared, prompts, generator, options, encoder, timer, report)
+                # The rest of the source (for the cache) and the no-face check, before the file is finished.
+                prepared.finish()
+                report("encode", 0, 1)
+                with timer("encode"):
+                    encoder.close()
         report("encode", 1, 1)
         timings = timer.totals()
         return LipSyncResult(
@@ -228,52 +248,101 @@ class LipSyncPipeline:
             fps=float(fps),
             fps_fraction=f"{fps.numerator}/{fps.denominator}",
             duration_s=round(len(samples) / 16000, 3),
-            width=width,
-            height=height,
+            width=store.width,
+            height=store.height,
             source_frames=len(store),
             frames_without_face=len(store) - store.faces,
             timings=timings,
-            cache_hit=cache_hit,
+            cache_hit=None if self.cache is None else isinstance(prepared, Prepared),
+            avatar_id=key,
         )
 
-    def _prepared_source(
+    def _avatar(self, avatar_id: Optional[str]) -> SourceStore:
+        """The prepared source saved as ``avatar_id``.
+
+        Raises:
+            LipSyncError(invalid_input): no id, no cache, or an id the cache does not hold.
+        """
+        if avatar_id is None:
+            raise LipSyncError(ErrorCode.INVALID_INPUT, "give a 'source' (or the 'avatar_id' of a prepared one).",
+                               stage="validate")
+        if self.cache is None:
+            raise LipSyncError(
+                ErrorCode.INVALID_INPUT,
+                "'avatar_id' needs an avatar cache, and this worker has none (MUSETALK_AVATAR_CACHE_DIR); "
+                "send the 'source' instead.",
+                stage="validate",
+            )
+        store = self.cache.open(avatar_id)
+        if store is None:
+            raise LipSyncError(
+                ErrorCode.INVALID_INPUT,
+                f"'avatar_id' {avatar_id!r} is not in the avatar cache: it is unknown, or was evicted to keep the "
+                "cache within its size. Send the 'source' again; the result carries its new avatar_id.",
+                stage="validate",
+            )
+        return store
+
+    @contextlib.contextmanager
+    def _source(
         self,
-        info: MediaInfo,
+        info: Optional[MediaInfo],
+        avatar: Optional[SourceStore],
         options: EngineOptions,
         generator: FaceGenerator,
         needed: int,
         scratch: Path,
         timer: StageTimer,
         report: Progress,
-    ) -> Tuple[SourceStore, Optional[bool]]:
-        """The prepared source: from the avatar cache, or prepared now (and cached when there is a cache)."""
+    ) -> Iterator[Tuple[Union[Preparation, Prepared], Optional[str]]]:
+        """The job's prepared source and its avatar id (None without a cache).
+
+        ``avatar`` is an opened cache entry (a job given an avatar id); else the
+        source is looked up in the cache, and on a miss prepared as the
+        generate pass asks. With a cache the whole source is prepared and the
+        entry committed when the block ends without an error.
+        """
         if self.cache is None:
             store = SourceStore(scratch, info.height, info.width)
             try:
-                self._prepare(info, options, generator.vae, store, needed, timer, report)
-            except BaseException:
+                with self._preparation(info, options, generator, store, needed, timer, report) as preparation:
+                    yield preparation, None
+            finally:
                 store.close()
-                raise
-            return store, None
-        with timer("cache"):
-            key = self.cache.key(info.path, self._preparation_settings(options, generator))
-            store = self.cache.open(key)
-        if store is not None:
-            report("prepare", len(store), len(store))
-            return store, True
+            return
+        if avatar is None:
+            with timer("cache"):
+                key = self.cache.key(info.path, self._preparation_settings(options, generator))
+                avatar = self.cache.open(key)
+        if avatar is not None:
+            report("prepare", len(avatar), len(avatar))
+            try:
+                yield Prepared(avatar), avatar.folder.name
+            finally:
+                avatar.close(delete=False)
+            return
         folder = self.cache.new_entry()
         store = SourceStore(folder, info.height, info.width)
+        # What a job given this avatar's id needs to know of the source it no longer sends.
+        store.meta = {"kind": info.kind, "fps": str(info.fps)}
         try:
-            self._prepare(info, options, generator.vae, store, None, timer, report)
+            with self._preparation(info, options, generator, store, None, timer, report) as preparation:
+                yield preparation, key
+                preparation.finish()
             with timer("cache"):
                 store.save_index()
         except BaseException:
             store.close()
             self.cache.discard(folder)
             raise
+        store.close(delete=False)
         with timer("cache"):
             self.cache.commit(folder, key)
-        return store, False
+
+    def _preparation(self, info: MediaInfo, options: EngineOptions, generator: FaceGenerator, store: SourceStore,
+                     limit: Optional[int], timer: StageTimer, report: Progress) -> Preparation:
+        return Preparation(info, options, self.faces, generator.vae, self.mask_net, self._pool, store, limit,
+                           timer, report)
 
     def _preparation_settings(self, options: EngineOptions, generator: FaceGenerator) -> Dict[str, object]:
         """Everything besides the source's bytes that changes what preparation computes."""
@@ -290,92 +359,9 @@ class LipSyncPipeline:
             "vae_dtype": str(generator.dtype),
             "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights],
         }
-
-    def _prepare(
-        self,
-        info: MediaInfo,
-        options: EngineOptions,
-        vae: torch.nn.Module,
-        store: SourceStore,
-        needed: Optional[int],
-        timer: StageTimer,
-        report: Progress,
-    ) -> None:
-        """First pass: face box, latents and blend mask of the source frames, into ``store``.
-
-        ``needed`` limits it to the first frames the output uses (None: all).
-        """
-        if info.kind == "video":
-            frames = iter_video_frames(info, max_frames=needed)
-            expected = min(needed or info.estimated_frames, info.estimated_frames or needed or 1)
-        else:
-            frames = iter([read_image(info.path)])
-            expected = 1
-        masks = MaskMaker(self.mask_net, options.parsing_mode, options.left_cheek_width, options.right_cheek_width,
-                          self._pool)
-        latent_encoder = LatentEncoder(vae)
-        report("prepare", 0, expected)
-        decoded = Prefetcher(_batched(timer.timed_iter("decode", frames), options.batch_size), depth=1)
-        with decoded:
-            for batch in decoded:
-                self._prepare_batch(batch, options, latent_encoder, masks, store, timer)
-                report("prepare", len(store), max(expected, len(store)))
-        if store.faces == 0:
-            raise LipSyncError(
-                ErrorCode.NO_FACE,
-                f"no face was found in any of the {len(store)} source frames used; send a video or image "
-                "with one clearly visible, roughly frontal face.",
-                stage="prepare",
-            )
-
-    def _prepare_batch(
-        self,
-        batch: List[np.ndarray],
-        options: EngineOptions,
-        latent_encoder: LatentEncoder,
-        masks: MaskMaker,
-        store: SourceStore,
-        timer: StageTimer,
-    ) -> None:
-        """Face boxes, latents and blend masks of one batch of source frames, appended to ``store``."""
-        with timer("faces"):
-            face_boxes = self._face_boxes(batch, len(store), options)
-        with_face = [i for i, b in enumerate(face_boxes) if b is not None]
-        prepared = {}
-        if with_face:
-            frames, boxes = [batch[i] for i in with_face], [face_boxes[i] for i in with_face]
-            with timer("latents"):
-                latents = latent_encoder.encode(list(self._pool.map(crop_face, frames, boxes)))
-            with timer("masks"):
-                made = masks.make(frames, boxes)
-            prepared = dict(zip(with_face, zip(made, latents)))
-        for i, frame in enumerate(batch):
-            mask, latent = prepared.get(i, (None, None))
-            store.add(frame, mask, latent)
-
-    def _face_boxes(self, frames: List[np.ndarray], first: int, options: EngineOptions) -> List[Optional[box_math.Box]]:
-        """Face boxes (extra margin applied) of a batch of frames; None where there is no face."""
-        height, width = frames[0].shape[:2]
-        if options.boxes is not None:
-            found = [_given_box(options.boxes, first + i, width, height) for i in range(len(frames))]
-        else:
-            found = [
-                None if d is None else box_math.face_box(d.landmarks, d.detector_box, options.bbox_shift)
-                for d in self.faces.detect(frames)
-            ]
-        result = []
-        for box in found:
-            if box is not None:
-                box = box_math.with_margin(box, options.extra_margin, height)
-                x1, y1, x2, y2 = box_math.clip_box(box, width, height)
-                # A box with no pixels inside the frame cannot be cropped: treat as no face.
-                box = box if x2 > x1 and y2 > y1 else None
-            result.append(box)
-        return result
-
     def _generate(
         self,
-        store: SourceStore,
+        source: Union[Preparation, Prepared],
         prompts: AudioPrompts,
         generator: FaceGenerator,
         options: EngineOptions,
@@ -385,13 +371,15 @@ class LipSyncPipeline:
     ) -> None:
         """Second pass: generate every output frame in order.
 
-        Three threads overlap: one reads the next batches from the store, this
-        one queues the UNet, VAE decoder and blending on the device, and one
-        pastes the blended regions into their frames and feeds the encoder.
+        Three threads overlap: one prepares the source frames the next batches
+        need and reads them from the store, this one queues the UNet, VAE
+        decoder and blending on the device, and one pastes the blended regions
+        into their frames and feeds the encoder.
         """
         total = len(prompts)
+        store = source.store
         blender = FaceBlender(self.device)
-        with Prefetcher(_read_batches(store, total, options.batch_size, timer)) as batches, \
+        with Prefetcher(_read_batches(source, total, options.batch_size, timer)) as batches, \
                 BackgroundConsumer(_frame_writer(store, encoder, timer)) as writer:
             for batch in batches:
                 blended = None
@@ -448,11 +436,20 @@ class _Batch:
     pixels: List[np.ndarray]  # per position with a face: the source's pixels in the mask's visible box
 
 
-def _read_batches(store: SourceStore, total: int, batch_size: int, timer: StageTimer) -> Iterator[_Batch]:
-    """The batches of ``total`` output frames, in ping-pong order over the source frames."""
+def _read_batches(source: Union[Preparation, Prepared], total: int, batch_size: int,
+                  timer: StageTimer) -> Iterator[_Batch]:
+    """The batches of ``total`` output frames, in ping-pong order over the source frames.
+
+    Each batch first has its source frames prepared: output frame ``i`` is
+    source frame ``i`` until the source is used up, so the store holding
+    ``i + 1`` frames (or the whole source) is all a batch needs.
+    """
+    store = source.store
     for start in range(0, total, batch_size):
+        end = min(start + batch_size, total)
+        source.ensure(end)
         with timer("read"):
-            sources = [_ping_pong(i, len(store)) for i in range(start, min(start + batch_size, total))]
+            sources = [_ping_pong(i, len(store)) for i in range(start, end)]
             with_face = [k for k, j in enumerate(sources) if store.box(j) is not None]
             masks = [store.mask(sources[k]) for k in with_face]
             pixels = [
@@ -481,39 +478,7 @@ def _frame_writer(store: SourceStore, encoder: VideoEncoder, timer: StageTimer) 
     return write
 
 
-def _given_box(boxes: Sequence[box_math.Box], index: int, width: int, height: int) -> box_math.Box:
-    if len(boxes) == 1:
-        box = boxes[0]
-    elif index < len(boxes):
-        box = boxes[index]
-    else:
-        raise LipSyncError(
-            ErrorCode.INVALID_INPUT,
-            f"'boxes' has {len(boxes)} entries but the source has more frames; give one box per frame or a single box.",
-            stage="prepare",
-        )
-    x1, y1, x2, y2 = box
-    if x2 > width or y2 > height:
-        raise LipSyncError(
-            ErrorCode.INVALID_INPUT,
-            f"box {list(box)} reaches outside the {width}x{height} source; boxes must lie inside the frame.",
-            stage="prepare",
-        )
-    return tuple(box)
-
-
 def _ping_pong(index: int, count: int) -> int:
     """Source frame of output frame ``index``: forwards, then backwards, and again."""
     k = index % (2 * count)
     return k if k < count else 2 * count - 1 - k
-
-
-def _batched(items: Iterable, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -18,7 +18,7 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -48,7 +48,8 @@ class _Entry:
 class SourceStore:
     """Frames, boxes, latents and masks of one source, in a scratch file.
 
-    A frame without a face has no box, latent or mask.
+    A frame without a face has no box, latent or mask. ``meta`` is a small
+    JSON-serialisable dict saved with the index (what the source was).
     """
 
     def __init__(self, folder: Path, height: int, width: int):
@@ -59,6 +60,7 @@ class SourceStore:
         self._fd = os.open(self.folder / DATA_FILE, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self._size = 0
         self._entries: List[_Entry] = []
+        self.meta: Dict[str, Any] = {}
 
     @classmethod
     def open(cls, folder: Path) -> "SourceStore":
@@ -76,6 +78,7 @@ class SourceStore:
             store = cls.__new__(cls)
             store.folder, store.height, store.width = folder, int(index["height"]), int(index["width"])
             store._frame_bytes = store.height * store.width * 3
+            store.meta = dict(index.get("meta", {}))
             store._fd = os.open(folder / DATA_FILE, os.O_RDONLY)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
             raise CorruptStoreError(f"{folder}: unreadable store ({error})") from error
@@ -87,11 +90,11 @@ class SourceStore:
         return store
 
     def save_index(self) -> None:
-        """Writes ``index.json`` beside the data so the store can be opened again."""
+        """Writes ``index.json`` beside the data (with ``meta``) so the store can be opened again."""
         os.fsync(self._fd)
         index = {
             "format": _FORMAT, "height": self.height, "width": self.width, "size": self._size,
-            "crc32": self._crc32(),
+            "crc32": self._crc32(), "meta": self.meta,
             "entries": [[e.frame_offset, e.box, e.latent_offset, e.mask_offset] for e in self._entries],
         }
         (self.folder / INDEX_FILE).write_text(json.dumps(index))

@@ -59,6 +59,11 @@ def test_a_damaged_store_is_refused(tmp_path, damage):
         SourceStore.open(tmp_path)
 
 
+def _key(n: int) -> str:
+    """An entry name of the form the cache makes (40 hex digits)."""
+    return f"{n:040x}"
+
+
 def test_the_cache_evicts_least_recently_used_entries(tmp_path):
     entry_bytes = None
     cache = AvatarCache(tmp_path / "cache", max_bytes=1)  # bound set below, once an entry's size is known
@@ -70,15 +75,15 @@ def test_the_cache_evicts_least_recently_used_entries(tmp_path):
         store.close(delete=False)
         entry_bytes = entry_bytes or sum(f.stat().st_size for f in folder.iterdir())
         cache.max_bytes = 2 * entry_bytes + 10
-        keys.append(f"entry{n}")
+        keys.append(_key(n))
         if n == 1:
-            # Use entry0 again, so entry1 is now the least recently used.
+            # Use entry 0 again, so entry 1 is now the least recently used.
             time.sleep(0.01)
-            assert cache.open("entry0") is not None
+            assert cache.open(keys[0]) is not None
             time.sleep(0.01)
         cache.commit(folder, keys[-1])
-    present = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert present == ["entry0", "entry2"]
+    present = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    assert present == [keys[0], keys[2]]
 
 
 def test_a_corrupted_entry_is_a_miss_and_removed(tmp_path):
@@ -87,12 +92,12 @@ def test_a_corrupted_entry_is_a_miss_and_removed(tmp_path):
     store = _store_with_frames(folder, 2)
     store.save_index()
     store.close(delete=False)
-    cache.commit(folder, "k")
-    with open(tmp_path / "k" / DATA_FILE, "r+b") as f:
+    cache.commit(folder, _key(7))
+    with open(tmp_path / _key(7) / DATA_FILE, "r+b") as f:
         f.seek(10)
         f.write(b"\x00\x01\x02")
-    assert cache.open("k") is None
-    assert not (tmp_path / "k").exists()
+    assert cache.open(_key(7)) is None
+    assert not (tmp_path / _key(7)).exists()
 
 
 def _frames(path) -> bytes:
@@ -110,7 +115,7 @@ def test_the_pipeline_reuses_a_cached_avatar(fixture_models, media_dir, tmp_path
 
     first = pipe(source, audio, tmp_path / "1.mp4", EngineOptions())
     assert first.cache_hit is False and {"faces", "latents", "masks"} <= set(first.timings)
-    (entry,) = [p for p in cache_dir.iterdir()]
+    (entry,) = [p for p in cache_dir.iterdir() if p.is_dir()]
     second = pipe(source, audio, tmp_path / "2.mp4", EngineOptions())
     assert second.cache_hit is True
     assert not {"faces", "latents", "masks"} & set(second.timings), "a hit skips the preparation stages"

@@ -145,6 +145,21 @@ def test_frames_without_a_face_pass_through(pipeline, clips, tmp_path):
         assert np.abs(output[i].astype(int) - source_frames[i].astype(int)).max() > 40, "frames with a face are synced"
 
 
+def test_generation_starts_before_the_source_is_prepared(pipeline, clips, tmp_path):
+    # 12 frames in batches of one: preparation may run only a few batches ahead of generation
+    # (the reading thread's short queue), so the first generated batch comes long before the last
+    # prepared frame, instead of after the whole prepare pass.
+    events: list[tuple[str, int, int]] = []
+    result = pipeline(clips["video1s"], clips["speech05s"], tmp_path / "overlap.mp4", EngineOptions(batch_size=1),
+                      progress=lambda stage, done, total: events.append((stage, done, total)))
+    assert result.frames == 12 and result.source_frames == 12
+    first_generated = next(i for i, (stage, done, _) in enumerate(events) if stage == "generate" and done > 0)
+    last_prepared = max(i for i, (stage, done, _) in enumerate(events) if stage == "prepare" and done == 12)
+    assert first_generated < last_prepared, events
+    prepared_by_then = max(done for stage, done, _ in events[:first_generated] if stage == "prepare")
+    assert prepared_by_then <= 6, f"{prepared_by_then} of 12 frames were prepared before the first batch was generated"
+
+
 def test_precomputed_boxes_skip_detection_and_the_run_is_deterministic(pipeline, clips, media_dir, tmp_path):
     options = EngineOptions(boxes=[(217, 283, 465, 523)])
     outputs = []
