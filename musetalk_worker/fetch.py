@@ -10,7 +10,8 @@ Four forms are accepted for ``source`` and ``audio``:
   timeouts, HTTP 5xx and 429 are retried with backoff (4xx and refused
   addresses are not).
 * ``s3://bucket/key`` objects, read with boto3 using the job's credentials or
-  RunPod's ``BUCKET_*`` variables.
+  RunPod's ``BUCKET_*`` variables (the client and its endpoint check are in
+  ``s3``).
 * ``data:<type>;base64,<data>`` URIs, up to a size that keeps the request under
   RunPod's 10 MB ``/run`` body.
 * Paths inside ``MUSETALK_LOCAL_INPUT_DIR``, only when the worker sets it.
@@ -30,22 +31,19 @@ import dataclasses
 import logging
 import mimetypes
 import re
-import socket
 from pathlib import Path
 from typing import Iterator, Optional
 from urllib.parse import unquote, urljoin, urlparse
 
-import boto3
 import requests
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
-from runpod.serverless.utils.rp_ssrf import PinnedIPAdapter, is_safe_address
+from runpod.serverless.utils.rp_ssrf import PinnedIPAdapter
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from .errors import ErrorCode, LipSyncError
 from .options import WorkerSettings
-from .schema import S3Credentials
+from .s3 import CONNECT_TIMEOUT_S, S3Access, public_addresses, s3_client, shown_url
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +51,6 @@ ACCEPTED_FORMS = (
     "an https:// or http:// URL, an s3://bucket/key object or a data:<type>;base64,<data> URI"
 )
 _MAX_REDIRECTS = 5
-_CONNECT_TIMEOUT_S = 10.0
 _CHUNK = 1024 * 1024
 _TRANSFER = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024)
 _EXTENSION = re.compile(r"^\.[a-z0-9]{1,5}$")
@@ -74,74 +71,6 @@ class InputRef:
     suffix: str = ""
     value: str = dataclasses.field(default="", repr=False)
     payload: bytes = dataclasses.field(default=b"", repr=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class S3Access:
-    """How to reach S3: the job's credentials if it gave some, else the worker's."""
-
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
-    access_key_id: Optional[str] = dataclasses.field(default=None, repr=False)
-    secret_access_key: Optional[str] = dataclasses.field(default=None, repr=False)
-    session_token: Optional[str] = dataclasses.field(default=None, repr=False)
-    # An endpoint named by a job is user input, so it gets the URL address check.
-    from_job: bool = False
-
-    @classmethod
-    def for_job(cls, credentials: Optional[S3Credentials], settings: WorkerSettings) -> "S3Access":
-        """The job's own credentials (endpoint omitted = AWS S3), else RunPod's ``BUCKET_*`` settings."""
-        if credentials is None:
-            return cls(
-                endpoint_url=settings.bucket_endpoint_url,
-                region=settings.bucket_region,
-                access_key_id=settings.bucket_access_key_id,
-                secret_access_key=settings.bucket_secret_access_key,
-            )
-        token = credentials.session_token.get_secret_value() if credentials.session_token else None
-        return cls(
-            endpoint_url=credentials.endpoint_url,
-            region=credentials.region or settings.bucket_region,
-            access_key_id=credentials.access_key_id.get_secret_value(),
-            secret_access_key=credentials.secret_access_key.get_secret_value(),
-            session_token=token,
-            from_job=True,
-        )
-
-    def secrets(self) -> tuple[str, ...]:
-        """The values that must never appear in output or logs."""
-        return tuple(s for s in (self.access_key_id, self.secret_access_key, self.session_token) if s)
-
-
-def s3_client(access: S3Access, settings: WorkerSettings):
-    """A boto3 S3 client for ``access``; a job-given endpoint must pass the address check."""
-    if access.from_job and access.endpoint_url:
-        parsed = urlparse(access.endpoint_url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise LipSyncError(
-                ErrorCode.INVALID_INPUT,
-                "'output.credentials.endpoint_url' must be an http:// or https:// URL.",
-                stage="validate",
-            )
-        _public_addresses(parsed.hostname, parsed.port or 443, "output.credentials.endpoint_url",
-                          shown_url(access.endpoint_url), settings)
-    config = BotoConfig(
-        signature_version="s3v4",
-        retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=_CONNECT_TIMEOUT_S,
-        read_timeout=settings.download_timeout_s,
-        # S3-compatible stores (MinIO, R2, moto) are addressed by path; AWS picks its own.
-        s3={"addressing_style": "path" if access.endpoint_url else "auto"},
-    )
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=access.endpoint_url,
-        region_name=access.region,
-        aws_access_key_id=access.access_key_id,
-        aws_secret_access_key=access.secret_access_key,
-        aws_session_token=access.session_token,
-        config=config,
-    )
 
 
 # --------------------------------------------------------------------------- #
@@ -304,7 +233,7 @@ def _pinned_get(ref: InputRef, url: str, settings: WorkerSettings) -> Iterator[r
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise _invalid(ref.field, f"'{ref.field}' URL {ref.shown} redirects to a non-http address.", "download")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    addresses = _public_addresses(parsed.hostname, port, ref.field, ref.shown, settings)
+    addresses = public_addresses(parsed.hostname, port, ref.field, ref.shown, settings)
     last_error: Exception | None = None
     # A host may resolve to several addresses (IPv6 + IPv4); try each checked one.
     for address in addresses:
@@ -317,7 +246,7 @@ def _pinned_get(ref: InputRef, url: str, settings: WorkerSettings) -> Iterator[r
         try:
             try:
                 response = session.get(url, stream=True, allow_redirects=False,
-                                       timeout=(_CONNECT_TIMEOUT_S, settings.download_timeout_s))
+                                       timeout=(CONNECT_TIMEOUT_S, settings.download_timeout_s))
             except requests.ConnectionError as err:
                 last_error = err
                 continue
@@ -334,29 +263,6 @@ def _pinned_get(ref: InputRef, url: str, settings: WorkerSettings) -> Iterator[r
         finally:
             session.close()
     raise _Transient(f"connection failed ({_reason(last_error)})")
-
-
-def _public_addresses(host: str, port: int, field: str, shown: str, settings: WorkerSettings) -> list[str]:
-    """The addresses of ``host``; all must be public unless private URLs are allowed."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        raise LipSyncError(
-            ErrorCode.DOWNLOAD_FAILED, f"'{field}': the host of {shown} does not resolve; check the URL.",
-            stage="download",
-        ) from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
-    if not settings.allow_private_urls:
-        for address in addresses:
-            if not is_safe_address(address):
-                raise _invalid(
-                    field,
-                    f"refusing to fetch '{field}' from {shown}: the host resolves to {address}, a private, "
-                    "loopback, link-local or metadata address. Use a public URL, or set "
-                    "MUSETALK_ALLOW_PRIVATE_URLS=true on the worker for self-hosted storage.",
-                    "download",
-                )
-    return addresses
 
 
 def _check_status(ref: InputRef, response: requests.Response) -> None:
@@ -423,16 +329,6 @@ def _download_s3(ref: InputRef, dest: Path, settings: WorkerSettings, access: S3
 # --------------------------------------------------------------------------- #
 # Helpers.
 # --------------------------------------------------------------------------- #
-
-def shown_url(url: str) -> str:
-    """scheme://host[:port]/path: no user-info, no query (signatures), no fragment."""
-    parsed = urlparse(url)
-    host = parsed.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parsed.port}" if parsed.port else ""
-    return f"{parsed.scheme}://{host}{port}{parsed.path}"
-
 
 def _suffix_of(path: str) -> str:
     suffix = Path(path).suffix.lower()

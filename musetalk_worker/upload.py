@@ -27,8 +27,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from boto3.exceptions import S3UploadFailedError
 
 from .errors import ErrorCode, LipSyncError
-from .fetch import S3Access, s3_client, shown_url
 from .options import WorkerSettings
+from .s3 import S3Access, s3_client, shown_url
 from .schema import OutputSpec
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,16 @@ class DeliveryPlan:
     local_path: Optional[Path] = None
     access: S3Access = dataclasses.field(default_factory=S3Access)
 
+    @property
+    def stream_prefix(self) -> str:
+        """Where a streamed job's HLS objects go: beside the mp4, in a folder named for it.
+
+        ``lipsync/job-1.mp4`` streams to ``lipsync/job-1/index.m3u8``, so a client
+        that owns the bucket can presign the playlist as soon as it knows the job id.
+        """
+        stem = self.key[: -len(Path(self.key).suffix)] if Path(self.key).suffix else self.key
+        return f"{stem}/"
+
 
 def plan_delivery(spec: Optional[OutputSpec], settings: WorkerSettings, job_id: str) -> DeliveryPlan:
     """Decides where the result of job ``job_id`` goes; no network is used.
@@ -72,6 +82,13 @@ def plan_delivery(spec: Optional[OutputSpec], settings: WorkerSettings, job_id: 
             key=spec.key or f"{prefix}{name}",
             expires_in=spec.expires_in or settings.presign_expiry_s,
             access=S3Access.for_job(spec.credentials, settings),
+        )
+    if spec.stream is not None:
+        raise LipSyncError(
+            ErrorCode.INVALID_INPUT,
+            f"'output.stream' needs a bucket to publish the stream in: {_CONFIGURE_BUCKET}, or leave "
+            "'output.stream' out.",
+            stage="validate",
         )
     if spec.key is not None or spec.prefix is not None or spec.credentials is not None:
         raise LipSyncError(

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from musetalk_worker.errors import ErrorCode, LipSyncError
-from musetalk_worker.fetch import S3Access, fetch_input, parse_input
+from musetalk_worker.fetch import fetch_input, parse_input
 from musetalk_worker.options import WorkerSettings
+from musetalk_worker.s3 import S3Access
 from musetalk_worker.schema import S3Credentials
 from servers import MOTO_KEY_ID, MOTO_SECRET, drop_connection, send_bytes
 
