@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from aiohttp import ClientSession
 from runpod.http_client import AsyncClientSession
-from runpod.serverless.modules.rp_http import send_result
+from runpod.serverless.modules import rp_http
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,9 @@ class ProgressSender:
     def __init__(self, job: dict, close_timeout_s: float = 5.0) -> None:
         """Starts the posting thread for ``job`` (the SDK's job dict: its ``id`` names the job in the URL).
 
-        ``close_timeout_s`` bounds the wait when the ``with`` block ends.
+        ``close_timeout_s`` bounds the wait when the ``with`` block ends. Without a
+        job-done URL (local runs: ``--test_input``, ``--rp_serve_api``) updates are
+        dropped, since each post would only fail and log an error.
         """
         self._job = job
         self._close_timeout_s = close_timeout_s
@@ -49,8 +51,11 @@ class ProgressSender:
         self._closed = False
         # Set when close gave up: updates still queued then are dropped rather than sent after the result.
         self._abandoned = threading.Event()
-        self._thread = threading.Thread(target=self._post_all, name=f"progress-{job.get('id')}", daemon=True)
-        self._thread.start()
+        # The SDK read RUNPOD_WEBHOOK_POST_OUTPUT at import; unset, it keeps the placeholder "JOB_DONE_URL".
+        self._thread: Optional[threading.Thread] = None
+        if rp_http.JOB_DONE_URL.startswith(("http://", "https://")):
+            self._thread = threading.Thread(target=self._post_all, name=f"progress-{job.get('id')}", daemon=True)
+            self._thread.start()
 
     def send(self, value: Any) -> None:
         """Queues one update and returns at once; never raises (a lost update must not fail the job).
@@ -59,8 +64,8 @@ class ProgressSender:
         """
         if self._closed:
             logger.warning("progress update after the job's sender closed, dropped: %r", value)
-            return
-        self._queue.put(value)
+        elif self._thread is not None:
+            self._queue.put(value)
 
     def close(self, timeout_s: Optional[float] = None) -> bool:
         """Waits until every queued update is posted, at most ``timeout_s`` (default: the constructor's).
@@ -72,6 +77,8 @@ class ProgressSender:
         if not self._closed:
             self._closed = True
             self._queue.put(_CLOSE)
+        if self._thread is None:
+            return True
         wait_s = self._close_timeout_s if timeout_s is None else timeout_s
         self._thread.join(wait_s)
         if not self._thread.is_alive():
@@ -110,7 +117,7 @@ class ProgressSender:
             # The body and URL of the SDK's own progress_update (rp_progress._async_progress_update;
             # runpod is pinned at 1.12.0 in requirements/worker.txt). send_result logs HTTP failures
             # instead of raising them.
-            await send_result(session, {"status": "IN_PROGRESS", "output": value}, self._job)
+            await rp_http.send_result(session, {"status": "IN_PROGRESS", "output": value}, self._job)
         except Exception:  # noqa: BLE001 - e.g. a job without an id; the next update may still go out
             logger.warning("progress update of job %s failed", self._job.get("id"), exc_info=True)
 
