@@ -11,27 +11,37 @@ Credential values never appear in a message.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from .errors import ErrorCode, LipSyncError
-from .options import LIMITS, PARSING_MODES, VERSIONS, EngineOptions, ParsingMode, Version
+from .options import (
+    AVATAR_ID_PATTERN, LIMITS, PARSING_MODES, STREAM_FORMATS, STREAM_LIMITS, VERSIONS, EngineOptions, ParsingMode,
+    StreamOptions, Version,
+)
 
 _DEFAULTS = EngineOptions()
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer
 
 # Fields that are not engine options; everything else in JobInput is one.
-NON_ENGINE_FIELDS = ("source", "audio", "output")
+NON_ENGINE_FIELDS = ("source", "avatar_id", "audio", "output")
+# Engine options that shape the prepared source: a job naming an avatar gets the avatar's.
+PREPARATION_FIELDS = ("bbox_shift", "extra_margin", "parsing_mode", "left_cheek_width", "right_cheek_width", "boxes")
+_STREAM_DEFAULTS = StreamOptions()
 
 _MEDIA_FORMS = "an https:// or http:// URL, an s3://bucket/key object or a data: URI with base64 content"
 _STRICT = ConfigDict(extra="forbid", strict=True, hide_input_in_errors=True)
 
 
-def _ranged(name: str) -> Any:
-    """A field with EngineOptions' default and LIMITS' inclusive range."""
-    low, high = LIMITS[name]
-    return Field(default=getattr(_DEFAULTS, name), ge=low, le=high)
+def _ranged(name: str, limits: dict = LIMITS, defaults: Any = _DEFAULTS) -> Any:
+    """A field with the options' default (EngineOptions unless told) and its inclusive range."""
+    low, high = limits[name]
+    return Field(default=getattr(defaults, name), ge=low, le=high)
+
+
+class Refusal(ValueError):
+    """A validator's complaint that is already a whole sentence for the caller."""
 
 
 class S3Credentials(BaseModel):
@@ -46,6 +56,17 @@ class S3Credentials(BaseModel):
     region: Optional[str] = None
 
 
+class StreamSpec(BaseModel):
+    """``output.stream`` as an object: HLS while the video is made (see :class:`StreamOptions`)."""
+
+    model_config = _STRICT
+
+    format: Literal[STREAM_FORMATS] = _STREAM_DEFAULTS.format
+    segment_seconds: float = _ranged("segment_seconds", STREAM_LIMITS, _STREAM_DEFAULTS)
+    first_segment_seconds: float = _ranged("first_segment_seconds", STREAM_LIMITS, _STREAM_DEFAULTS)
+    low_latency_encoder: bool = _STREAM_DEFAULTS.low_latency_encoder
+
+
 class OutputSpec(BaseModel):
     """Where the result goes; unset fields fall back to the worker's settings."""
 
@@ -56,12 +77,27 @@ class OutputSpec(BaseModel):
     prefix: Optional[str] = Field(default=None, max_length=900)
     expires_in: Optional[int] = Field(default=None, ge=1, le=MAX_PRESIGN_SECONDS)
     credentials: Optional[S3Credentials] = None
+    stream: Optional[StreamSpec] = None
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _stream_flag(cls, value: Any) -> Any:
+        # ``true`` asks for the defaults, ``false`` for no stream.
+        if value is True:
+            return {}
+        return None if value is False else value
 
     @model_validator(mode="after")
     def _key_or_prefix(self) -> "OutputSpec":
         if self.key is not None and self.prefix is not None:
-            raise ValueError("key_and_prefix")
+            raise Refusal(
+                "'output' has both 'key' and 'prefix': give one (an exact key, or a prefix for a generated key)."
+            )
         return self
+
+    def stream_options(self) -> Optional[StreamOptions]:
+        """What ``stream`` asks for, or None for no stream."""
+        return None if self.stream is None else StreamOptions(**self.stream.model_dump())
 
 
 class JobInput(BaseModel):
@@ -69,7 +105,8 @@ class JobInput(BaseModel):
 
     model_config = _STRICT
 
-    source: str = Field(min_length=1)
+    source: Optional[str] = Field(default=None, min_length=1)
+    avatar_id: Optional[str] = Field(default=None, pattern=AVATAR_ID_PATTERN)
     audio: str = Field(min_length=1)
     version: Version = _DEFAULTS.version
     bbox_shift: int = _ranged("bbox_shift")
@@ -85,6 +122,20 @@ class JobInput(BaseModel):
         default=None, min_length=1
     )
     output: Optional[OutputSpec] = None
+
+    @model_validator(mode="after")
+    def _source_or_avatar(self) -> "JobInput":
+        if self.source is None and self.avatar_id is None:
+            raise Refusal(f"'source' is required: {_ALLOWED['source']} (or 'avatar_id': {_ALLOWED['avatar_id']}).")
+        if self.source is not None and self.avatar_id is not None:
+            raise Refusal("'source' and 'avatar_id' were both given: give one, the source to prepare or the id of "
+                          "one prepared before.")
+        shaping = [name for name in PREPARATION_FIELDS if name in self.model_fields_set]
+        if self.avatar_id is not None and shaping:
+            names = ", ".join(f"'{name}'" for name in shaping)
+            raise Refusal(f"{names} cannot change with 'avatar_id': the avatar was prepared with its own. Leave "
+                          f"{'them' if len(shaping) > 1 else 'it'} out, or send the 'source' to prepare it anew.")
+        return self
 
     def engine_options(self) -> EngineOptions:
         """The engine's options object (which checks the box geometry itself)."""
@@ -122,6 +173,7 @@ def _whole(name: str) -> str:
 
 _ALLOWED = {
     "source": f"a face video or still image given as {_MEDIA_FORMS}",
+    "avatar_id": "the avatar_id of an earlier job's result (40 hexadecimal digits)",
     "audio": f"speech audio (or a video with sound) given as {_MEDIA_FORMS}",
     "version": f"one of {', '.join(VERSIONS)}",
     "parsing_mode": f"one of {', '.join(PARSING_MODES)}, or null for the version's default",
@@ -135,6 +187,12 @@ _ALLOWED = {
     "output.expires_in": f"a whole number of seconds from 1 to {MAX_PRESIGN_SECONDS} (7 days)",
     "output.credentials": "an object with access_key_id, secret_access_key and optionally "
     "session_token, endpoint_url, region",
+    "output.stream": "true, false, or an object with format, segment_seconds, first_segment_seconds and "
+    "low_latency_encoder",
+    "output.stream.format": f"one of {', '.join(STREAM_FORMATS)}",
+    "output.stream.low_latency_encoder": "true or false",
+    **{f"output.stream.{name}": f"a number of seconds from {low} to {high}"
+       for name, (low, high) in STREAM_LIMITS.items()},
     **{name: _whole(name) for name, (low, _) in LIMITS.items() if isinstance(low, int)},
 }
 _SECRET_PARENT = "output.credentials"
@@ -151,10 +209,8 @@ def _messages(err: ValidationError, raw: dict) -> list[str]:
             unknown.setdefault(parent, []).append(key)
         elif kind == "missing":
             messages.append(f"'{path}' is required: {_allowed_for(path)}.")
-        elif kind == "value_error" and "key_and_prefix" in str(item.get("ctx", {}).get("error", "")):
-            messages.append(
-                "'output' has both 'key' and 'prefix': give one (an exact key, or a prefix for a generated key)."
-            )
+        elif kind == "value_error" and isinstance(item.get("ctx", {}).get("error"), Refusal):
+            messages.append(str(item["ctx"]["error"]))
         else:
             messages.append(f"'{path}' is {_shown(path, raw)}; it must be {_allowed_for(path)}.")
     for parent, keys in unknown.items():
@@ -184,7 +240,8 @@ def _shown(path: str, raw: dict) -> str:
 
 
 def _model_at(path: str) -> type[BaseModel]:
-    return {"": JobInput, "output": OutputSpec, "output.credentials": S3Credentials}.get(path, JobInput)
+    return {"": JobInput, "output": OutputSpec, "output.credentials": S3Credentials,
+            "output.stream": StreamSpec}.get(path, JobInput)
 
 
 def _keys(model: type[BaseModel]) -> str:

@@ -12,21 +12,26 @@ Secrets given with a job or in the environment are removed from every message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 from .decode import MediaInfo, probe_inputs
+from .encode import HlsOutput
 from .errors import ErrorCode, LipSyncError
-from .fetch import S3Access, fetch_input, parse_input
-from .options import EngineOptions, WorkerSettings
+from .fetch import fetch_input, parse_input
+from .hls import SegmentPublisher
+from .options import EngineOptions, StreamOptions, WorkerSettings
+from .s3 import S3Access, s3_client
 from .schema import parse_job
-from .upload import deliver, plan_delivery
+from .upload import DeliveryPlan, deliver, plan_delivery
 from .weights import verify_models
 
 logger = logging.getLogger(__name__)
@@ -41,9 +46,10 @@ _STEPPED_STAGES = ("generate",)
 class Engine(Protocol):
     """What the worker needs of ``LipSyncPipeline``."""
 
-    def __call__(self, source: MediaInfo, audio: MediaInfo, output: Path, options: EngineOptions, *,
+    def __call__(self, source: Optional[MediaInfo], audio: MediaInfo, output: Path, options: EngineOptions, *,
+                 avatar_id: Optional[str] = None,
                  progress: Optional[Callable[[str, int, int], None]] = None,
-                 workdir: Optional[Path] = None) -> Any: ...
+                 workdir: Optional[Path] = None, hls: Optional[HlsOutput] = None) -> Any: ...
 
 
 @dataclasses.dataclass
@@ -106,25 +112,35 @@ class Worker:
         if problems:
             raise RuntimeError("MuseTalk worker is not fit to run: " + " ".join(problems))
 
-    def handle(self, job: dict) -> dict:
-        """RunPod's handler: runs ``job["input"]`` and reports progress to RunPod."""
-        import runpod
+    def handle(self, job: dict, cancel: Optional[threading.Event] = None) -> dict:
+        """RunPod's handler: runs ``job["input"]`` and reports progress to RunPod.
 
-        def report(value: dict) -> None:
-            runpod.serverless.progress_update(job, value)
+        Setting ``cancel`` (from another thread) stops the job within one batch.
+        Every progress update has reached RunPod when this returns, so none can
+        overtake the result (runpod-python#250).
+        """
+        from .runpod_progress import ProgressSender
 
-        return self.run(job.get("input"), str(job.get("id") or "job"), report)
+        with ProgressSender(job) as sender:
+            return self.run(job.get("input"), str(job.get("id") or "job"), sender.send, cancel)
 
-    def run(self, raw_input: Any, job_id: str, report: Optional[Report] = None) -> dict:
-        """Runs one job and returns its output, or an error dict; never raises."""
-        progress = _Progress(report)
+    def run(self, raw_input: Any, job_id: str, report: Optional[Report] = None,
+            cancel: Optional[threading.Event] = None) -> dict:
+        """Runs one job and returns its output, or an error dict; never raises.
+
+        Setting ``cancel`` stops the job at its next stage or batch (a
+        ``cancelled`` error); its scratch is removed as for any failure.
+        """
+        progress = _Progress(report, cancel)
         secrets = _secrets(raw_input, self.settings)
         scratch: Optional[Path] = None
         try:
             progress.stage("validate")
             job = parse_job(raw_input)
             options = job.engine_options()
-            refs = [parse_input(name, getattr(job, name), self.settings) for name in ("source", "audio")]
+            # A job naming a prepared avatar has no source to fetch.
+            names = ("audio",) if job.avatar_id else ("source", "audio")
+            refs = {name: parse_input(name, getattr(job, name), self.settings) for name in names}
             plan = plan_delivery(job.output, self.settings, job_id)
             if self.engine is None:
                 raise LipSyncError(ErrorCode.MODELS_MISSING, self.load_error or "the engine is not loaded",
@@ -133,22 +149,32 @@ class Worker:
             self.settings.temp_dir.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix="job-", dir=self.settings.temp_dir))
             progress.stage("download")
+            # A job-given endpoint is resolved and checked once, and every connection of the job
+            # (its s3:// inputs, the stream, the result) goes to that one address.
             access = S3Access.for_job(job.output.credentials if job.output else None, self.settings)
-            source, audio = (fetch_input(ref, scratch, self.settings, access) for ref in refs)
+            access = access.pinned(self.settings)
+            if plan.kind == "s3":
+                plan = dataclasses.replace(plan, access=access)
+            fetched = {name: fetch_input(ref, scratch, self.settings, access) for name, ref in refs.items()}
 
             progress.stage("probe")
             # Probed once here; the engine takes the MediaInfo pair and does not probe again.
-            source_info, audio_info = check_media(source, audio, self.settings)
+            source_info, audio_info = check_media(fetched.get("source"), fetched["audio"], self.settings)
 
             workdir = scratch / "engine"
             workdir.mkdir()
-            result = self.engine(source_info, audio_info, scratch / "result.mp4", options,
-                                 progress=progress.engine, workdir=workdir)
+            stream = job.output.stream_options() if job.output else None
+            with self._stream(stream, plan, scratch, progress) as publisher:
+                result = self.engine(source_info, audio_info, scratch / "result.mp4", options,
+                                     avatar_id=job.avatar_id, progress=progress.engine, workdir=workdir,
+                                     hls=publisher.hls if publisher else None)
 
             progress.stage("upload")
             delivered = deliver(Path(result.path), plan, self.settings)
-            progress.stage("done")
-            return {
+            progress.end()
+            # No "done" update: the result says so, and an update is one more post that must not
+            # arrive after it (runpod-python#250).
+            output = {
                 **delivered,
                 "duration_s": round(result.duration_s, 3),
                 "frames": result.frames,
@@ -162,6 +188,12 @@ class Worker:
                 "timings": {**progress.timings, **{k: round(v, 3) for k, v in result.timings.items()},
                             "total": progress.total()},
             }
+            if result.avatar_id is not None:
+                output["avatar_id"] = result.avatar_id
+            if publisher is not None:
+                output.update(_stream_fields(publisher))
+                output["timings"]["first_segment"] = round(publisher.first_segment_at - progress.started, 3)
+            return output
         except LipSyncError as err:
             refresh = err.code is ErrorCode.OUT_OF_MEMORY
             return _failure(err.code, err.message, err.stage or progress.current, secrets, refresh=refresh)
@@ -170,6 +202,37 @@ class Worker:
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _stream(self, stream: Optional[StreamOptions], plan: DeliveryPlan, scratch: Path,
+                progress: "_Progress") -> Iterator[Optional[SegmentPublisher]]:
+        """Publishes the HLS stream the encoder writes while the block runs (nothing without ``stream``).
+
+        The first public segment is announced as progress with its playlist URL.
+        When the block ends normally the playlist is ended; on a failure it is
+        ended at its last good segment so players stop cleanly; a cancelled
+        job's uploads are deleted.
+        """
+        if stream is None:
+            yield None
+            return
+        hls = HlsOutput(scratch / "hls", stream)
+        hls.folder.mkdir()
+        publisher = SegmentPublisher(
+            hls, s3_client(plan.access, self.settings), plan.bucket, plan.stream_prefix, plan.expires_in,
+            on_first_segment=lambda url: progress.send({"stage": "streaming", "stream_url": url}),
+        )
+        progress.watch(publisher)
+        publisher.start()
+        try:
+            yield publisher
+        except BaseException as err:
+            if isinstance(err, LipSyncError) and err.code is ErrorCode.CANCELLED:
+                publisher.delete_uploaded()
+            else:
+                publisher.abort()
+            raise
+        publisher.finish()
 
     def _unexpected(self, err: Exception, stage: str, secrets: tuple[str, ...]) -> dict:
         if _is_out_of_memory(err):
@@ -201,8 +264,11 @@ def _weights_problem(settings: WorkerSettings) -> Optional[str]:
     return None if report.ok else report.describe()
 
 
-def check_media(source: Path, audio: Path, settings: WorkerSettings) -> tuple[MediaInfo, MediaInfo]:
+def check_media(source: Optional[Path], audio: Path,
+                settings: WorkerSettings) -> tuple[Optional[MediaInfo], MediaInfo]:
     """Probes both inputs (:func:`decode.probe_inputs`) and applies the worker's limits before the engine runs.
+
+    ``source`` is None for a job that names a prepared avatar (nothing to probe).
 
     Raises:
         LipSyncError: ``unsupported_media`` (not media, audio as ``source``, no
@@ -210,14 +276,14 @@ def check_media(source: Path, audio: Path, settings: WorkerSettings) -> tuple[Me
             ``invalid_input`` (source larger than the resolution limit).
     """
     src, aud = probe_inputs(source, audio)
-    if src.width > settings.max_source_width or src.height > settings.max_source_height:
+    if src is not None and (src.width > settings.max_source_width or src.height > settings.max_source_height):
         raise LipSyncError(
             ErrorCode.INVALID_INPUT,
             f"'source' is {src.width}x{src.height}; the largest allowed is {settings.max_source_width}x"
             f"{settings.max_source_height} (MUSETALK_MAX_SOURCE_WIDTH / _HEIGHT). Downscale it.",
             stage="probe",
         )
-    if src.kind == "video" and src.duration_s > settings.max_source_s:
+    if src is not None and src.kind == "video" and src.duration_s > settings.max_source_s:
         raise LipSyncError(
             ErrorCode.TOO_LONG,
             f"'source' video is {src.duration_s:.1f} s long; the limit is {settings.max_source_s:g} s "
@@ -235,26 +301,41 @@ def check_media(source: Path, audio: Path, settings: WorkerSettings) -> tuple[Me
 
 
 class _Progress:
-    """Times the worker's stages and reports each stage start and every ~10 % of generation."""
+    """Times the worker's stages and reports each stage start and every ~10 % of generation.
 
-    def __init__(self, report: Optional[Report]):
+    It is also where a running job learns that it must stop: at each stage
+    and engine batch it raises when the job was cancelled, or when the
+    stream it publishes (``watch``) failed to upload.
+    """
+
+    def __init__(self, report: Optional[Report], cancel: Optional[threading.Event] = None):
         self._report = report
-        self._started = time.perf_counter()
-        self._stage_started = self._started
+        self._cancel = cancel
+        self._publisher: Optional[SegmentPublisher] = None
+        # time.monotonic, the clock of the publisher's first_segment_at.
+        self.started = time.monotonic()
+        self._stage_started = self.started
         self._next_percent: dict[str, int] = {}
         self.current = ""
         self.timings: dict[str, float] = {}
 
     def stage(self, name: str) -> None:
-        now = time.perf_counter()
-        # The engine times its own stages (LipSyncResult.timings); only the worker's are timed here.
+        self.check()
+        self.end()
+        self.current = name
+        self._next_percent[name] = 10
+        self.send({"stage": name})
+
+    def end(self) -> None:
+        """Ends the current stage's timing (the engine times its own stages, only the worker's count here)."""
+        now = time.monotonic()
         if self.current in _WORKER_STAGES:
             self.timings[self.current] = round(now - self._stage_started, 3)
-        self.current, self._stage_started = name, now
-        self._next_percent[name] = 10
-        self._send({"stage": name})
+        self._stage_started = now
 
     def engine(self, stage: str, done: int, total: int) -> None:
+        # The engine reports every batch of each pass, so a cancelled job stops within one batch.
+        self.check()
         # An engine may interleave stages batch by batch: announce each one once.
         if stage not in self._next_percent:
             self.stage(stage)
@@ -263,18 +344,40 @@ class _Progress:
             percent = min(100, done * 100 // total)
             if percent >= self._next_percent[stage]:
                 self._next_percent[stage] = percent // 10 * 10 + 10
-                self._send({"stage": stage, "percent": percent, "done": done, "total": total})
+                self.send({"stage": stage, "percent": percent, "done": done, "total": total})
+
+    def watch(self, publisher: SegmentPublisher) -> None:
+        """Makes a failed segment upload stop the job at its next batch."""
+        self._publisher = publisher
+
+    def check(self) -> None:
+        """Raises ``cancelled`` once the job was asked to stop, ``upload_failed`` once its stream failed."""
+        if self._cancel is not None and self._cancel.is_set():
+            raise LipSyncError(ErrorCode.CANCELLED, "the job was cancelled (RunPod stopped it); nothing was "
+                               "delivered.", stage=self.current)
+        if self._publisher is not None and self._publisher.failed is not None:
+            self._publisher.finish()  # raises the upload failure, naming the object
 
     def total(self) -> float:
-        return round(time.perf_counter() - self._started, 3)
+        return round(time.monotonic() - self.started, 3)
 
-    def _send(self, value: dict) -> None:
+    def send(self, value: dict) -> None:
+        """Reports ``value``; a failure to report is logged, never raised."""
         if self._report is None:
             return
         try:
             self._report(value)
         except Exception:  # noqa: BLE001 - a lost progress message must not fail the job
             logger.warning("progress update failed", exc_info=True)
+
+
+def _stream_fields(publisher: SegmentPublisher) -> dict:
+    """The result's description of a published stream."""
+    return {
+        "stream_url": publisher.playlist_url,
+        "stream_key": publisher.playlist_key,
+        "stream_segments": publisher.segments,
+    }
 
 
 def _failure(code: ErrorCode, message: str, stage: str, secrets: tuple[str, ...], *, refresh: bool = False) -> dict:

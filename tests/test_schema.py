@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from musetalk_worker.errors import ErrorCode, LipSyncError
-from musetalk_worker.options import LIMITS, VIDEO_CODECS, EngineOptions, WorkerSettings
-from musetalk_worker.schema import JobInput, engine_field_names, parse_job
+from musetalk_worker.options import LIMITS, STREAM_LIMITS, VIDEO_CODECS, EngineOptions, StreamOptions, WorkerSettings
+from musetalk_worker.schema import JobInput, StreamSpec, engine_field_names, parse_job
 
 GOOD = {"source": "https://example.com/face.mp4", "audio": "https://example.com/speech.wav"}
 
@@ -56,7 +56,7 @@ def test_full_job_is_accepted():
 def test_unknown_key_lists_allowed_keys():
     message = _error(dict(GOOD, face="x.mp4"))
     assert "unknown key 'face'" in message
-    assert "allowed keys: source, audio, version, bbox_shift" in message and "output" in message
+    assert "allowed keys: source, avatar_id, audio, version, bbox_shift" in message and "output" in message
 
 
 def test_unknown_nested_key_names_its_parent():
@@ -119,7 +119,7 @@ def test_credentials_are_never_echoed():
 
 
 def test_input_must_be_an_object():
-    assert "must be a JSON object with the keys source, audio" in _error(["source", "audio"])
+    assert "must be a JSON object with the keys source, avatar_id, audio" in _error(["source", "audio"])
 
 
 def test_long_values_are_cut_short_in_messages():
@@ -179,3 +179,31 @@ def test_worker_settings_from_environment(tmp_path):
                         ("MUSETALK_VIDEO_ENCODER", "nvenc")]:
         with pytest.raises(ValueError, match=name):
             WorkerSettings.from_env({name: value})
+
+
+@pytest.mark.parametrize("stream, expected", [
+    (True, StreamOptions()),
+    (False, None),
+    ({"segment_seconds": 2, "first_segment_seconds": 0, "low_latency_encoder": False},
+     StreamOptions(segment_seconds=2.0, first_segment_seconds=0.0, low_latency_encoder=False)),
+])
+def test_output_stream_is_a_flag_or_an_object(stream, expected):
+    job = parse_job(dict(GOOD, output={"bucket": "results", "stream": stream}))
+    assert job.output.stream_options() == expected
+
+
+@pytest.mark.parametrize("stream, expected", [
+    ("yes", "'output.stream' is 'yes'; it must be true, false, or an object with format, segment_seconds"),
+    ({"segment_seconds": 0.1}, "'output.stream.segment_seconds' is 0.1; it must be a number of seconds from 0.5 to 4"),
+    ({"format": "dash"}, "'output.stream.format' is 'dash'; it must be one of hls"),
+    ({"latency": 1}, "unknown key 'latency' in 'output.stream'; allowed keys: format, segment_seconds"),
+])
+def test_bad_stream_options_name_the_field(stream, expected):
+    assert expected in _error(dict(GOOD, output={"bucket": "results", "stream": stream}))
+
+
+def test_stream_limits_come_from_the_options():
+    for name, (low, high) in STREAM_LIMITS.items():
+        constraints = {type(m).__name__: m for m in StreamSpec.model_fields[name].metadata}
+        assert constraints["Ge"].ge == low and constraints["Le"].le == high, name
+    assert {f.name for f in dataclasses.fields(StreamOptions)} == set(StreamSpec.model_fields)
