@@ -1,0 +1,1 @@
+"""The lip-sync engines: each model family in a subpackage of its own."""
