@@ -166,12 +166,16 @@ def test_a_stopped_job_ends_within_a_batch_and_the_next_job_runs(worker):
     # Stop after the first batch, so its duration is known.
     first_batch = worker.server.wait_for(lambda p: generate(p) and "percent" in p.body["output"], JOB_TIMEOUT_S)
     batch_s = first_batch.t - started.t
+    requested = time.monotonic()
     worker.server.stop("long")
 
     after = _result(worker, "after", JOB_TIMEOUT_S)
     assert "error" not in after.body and after.body["output"]["frames"] == SHORT_FRAMES, after.body
     signalled = next(s for s in worker.server.stops if s.job_id == "long")
     taken = next(t for t in worker.server.takes if t.job_id == "after")
+    # The SDK polls job-stop while the job runs (a blocked event loop would not): the signal
+    # waits at most for the SDK's 1 s pause between polls (rp_scale.monitor_stop_signals).
+    assert signalled.t - requested < 1.0 + 1.0, (signalled.t - requested, worker.log_tail())
     # From the signal to the next job: at most one more batch, the clean-up, and the SDK's
     # 1 s pause before it asks for a job again (rp_scale.get_jobs); 1.5 s of slack on 2 busy cores.
     assert taken.t - signalled.t < batch_s + 1.0 + 1.5, (batch_s, taken.t - signalled.t, worker.log_tail())
