@@ -26,7 +26,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import FIXTURE_MODELS, ROOT, ffprobe
+from conftest import ROOT, ffprobe
 from musetalk_worker.runpod_progress import ProgressSender
 from runpod.serverless.modules import rp_http
 from runpod_job_server import WORKER_ID, JobServer, Post
@@ -82,7 +82,7 @@ def worker(media_dir, fixture_models, tmp_path_factory) -> Iterator[RunningWorke
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MUSETALK_", "BUCKET_", "RUNPOD_"))}
     env.update(server.env(), RUNPOD_SKIP_AUTO_SYSTEM_CHECKS="true", RUNPOD_SKIP_GPU_CHECK="true",
                RUNPOD_PING_INTERVAL="1000",
-               MUSETALK_MODELS_DIR=str(FIXTURE_MODELS), MUSETALK_WEIGHTS_LOCK="none", MUSETALK_LANDMARKS="dlib",
+               MUSETALK_MODELS_DIR=str(fixture_models), MUSETALK_WEIGHTS_LOCK="none", MUSETALK_LANDMARKS="dlib",
                MUSETALK_DEVICE="cpu", MUSETALK_ALLOW_PRIVATE_URLS="true", MUSETALK_LOCAL_INPUT_DIR=str(inputs),
                MUSETALK_TEMP_DIR=str(temp_dir), MUSETALK_OUTPUT_DIR=str(output_dir))
     log = root / "worker.log"
