@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts: random models, synthetic media, speed.py end to end (tiny sizes)."""
+"""Smoke tests of the benchmark scripts: random models, synthetic media, speed.py and memory.py (tiny sizes)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench.media import make_job_media, make_video
+from bench.memory import allocator_env, production_allocator
 from bench.random_models import RESNET18_FILE, UNET_CONFIG, build_models, random_state
 from bench.speed import FP16_REFUSED, STAGES
 from conftest import ROOT, ffprobe
@@ -105,3 +106,30 @@ def test_speed_runs_end_to_end_and_reports_every_stage(tiny_models, tmp_path, me
     assert miss["frames"] == 5 and {"unet", "vae_decode", "faces", "masks", "latents"} <= set(miss["timings"])
     assert "faces" not in hit["timings"]
     assert fp32["peak_rss_mib"] > fp32["rss_after_load_mib"] > 0
+
+
+def test_the_production_allocator_is_what_the_last_stage_sets(tmp_path, monkeypatch):
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text("FROM a AS build\nENV MALLOC_ARENA_MAX=8\nFROM b AS worker\n"
+                          "ENV PATH=/x:$PATH \\\n    MALLOC_ARENA_MAX=2 \\\n    OTHER=1\n")
+    assert production_allocator(dockerfile) == {"MALLOC_ARENA_MAX": "2"}
+    # A child measured under a setting must not inherit another from this process.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+    env = allocator_env({"MALLOC_ARENA_MAX": "2"})
+    assert env["MALLOC_ARENA_MAX"] == "2" and "MALLOC_MMAP_THRESHOLD_" not in env and env["PATH"]
+
+
+def test_memory_after_job_follows_rss_in_one_process(tiny_models, tmp_path, media_dir):
+    out = tmp_path / "memory.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.memory", "--after-job", "--models", str(tiny_models), "--allocators", "glibc",
+         "--long", "0.5", "--fps", "10", "--width", "128", "--height", "128", "--batch-size", "4", "--threads", "1",
+         "--idle", "0,0.2", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| glibc | glibc malloc, defaults |" in done.stdout and "logical cores" in done.stdout
+    (report,) = json.loads(out.read_text())["reports"]
+    assert report["frames"] == 5 and report["glibc_malloc"]
+    assert report["job_peak_rss_mib"] >= report["rss_after_mib"] > 0 and report["rss_before_mib"] > 0
+    assert [wait for wait, _ in report["rss_idle_mib"]] == [0, 0.2] and report["rss_after_trim_mib"] > 0
