@@ -3,7 +3,9 @@
     python -m builder.fetch_weights --dest /models                       # the default set
     python -m builder.fetch_weights --dest /models --components v15,v1,s3fd
     python -m builder.fetch_weights --dest /models --verify              # check, download nothing
-    python -m builder.fetch_weights --dest /models --convert-unet        # also write unet.safetensors
+    python -m builder.fetch_weights --dest /models --convert-unet        # also write the UNets as safetensors
+    python -m builder.fetch_weights --dest /models --components default,latentsync-1.6 \
+        --convert-unet latentsync-1.6 --remove-converted-sources         # LatentSync as fp16 safetensors only
 
 Hugging Face files are resolved by huggingface_hub at the pinned commit (a HEAD
 on ``{HF_ENDPOINT}/{repo}/resolve/{commit}/{path}``, whose answer must name that
@@ -15,6 +17,13 @@ mismatch deletes it and fails. Transient failures (connection drops, timeouts,
 408/429/5xx) are retried with exponential backoff, resuming the ``.part`` file
 with a Range request where the server allows it. Files already present with the
 right hash are skipped.
+
+Entries that hold the same bytes (same SHA-256) at different paths, such as the
+VAE in ``sd-vae/`` and in each ``latentsync-*/sd-vae-ft-mse/``, are fetched
+once and the other paths are made hard links to it: every model folder stays
+self-contained while the bytes are stored once (a Docker layer stores a hard
+link as a link, and BuildKit's COPY keeps hard links). A copy already in the
+models folder is reused, so adding a component downloads only what is new.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import BinaryIO, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import tenacity
 from tqdm import tqdm
@@ -78,7 +87,8 @@ class FetchOptions:
         retry_wait_s: the first backoff; it doubles per attempt up to ``retry_wait_max_s``.
         retry_wait_max_s: the longest backoff.
         timeout_s: socket timeout of each request.
-        convert_unet: also write the safetensors conversion of entries that name one.
+        convert_unet: the components whose entries that name a conversion are also
+            written as safetensors (those fetched; empty: none).
         remove_converted_sources: delete a converted entry's own file once the
             conversion is recorded (the image then holds only the safetensors).
         progress: progress bars; None shows them only when stderr is a terminal.
@@ -94,7 +104,7 @@ class FetchOptions:
     retry_wait_s: float = 1.0
     retry_wait_max_s: float = 30.0
     timeout_s: float = 60.0
-    convert_unet: bool = False
+    convert_unet: Tuple[str, ...] = ()
     remove_converted_sources: bool = False
     progress: Optional[bool] = None
 
@@ -126,7 +136,7 @@ class FileOutcome:
     """What happened to one file."""
 
     path: str
-    status: Literal["downloaded", "present", "converted", "failed"]
+    status: Literal["downloaded", "present", "linked", "converted", "failed"]
     detail: str = ""
 
 
@@ -166,14 +176,66 @@ def fetch_weights(options: FetchOptions) -> FetchReport:
     lock = load_lock(options.lock_path)
     files = lock.select(options.components)
     options.dest.mkdir(parents=True, exist_ok=True)
+    # A converted entry is fetched on its own: its file may be gone (its conversion stands in for it),
+    # so it can be no other path's copy.
+    groups: Dict[str, List[WeightFile]] = {}
+    for wf in files:
+        groups.setdefault(wf.path if wf.converted_path else wf.sha256, []).append(wf)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
-        outcomes = list(pool.map(lambda wf: _fetch_or_fail(wf, options), files))
-    if options.convert_unet:
-        fetched_ok = {o.path for o in outcomes if o.status != "failed"}
-        outcomes += [
-            _convert_or_fail(wf, options) for wf in files if wf.converted_path and wf.path in fetched_ok
-        ]
+        outcomes = [o for group in pool.map(lambda g: _fetch_group(g, options), groups.values()) for o in group]
+    fetched_ok = {o.path for o in outcomes if o.status != "failed"}
+    outcomes += [
+        _convert_or_fail(wf, options) for wf in files
+        if wf.converted_path and wf.component in options.convert_unet and wf.path in fetched_ok
+    ]
     return FetchReport(tuple(outcomes))
+
+
+def _fetch_group(group: Sequence[WeightFile], options: FetchOptions) -> List[FileOutcome]:
+    """Fetch entries that hold the same bytes: one copy is fetched (or found), the others link to it."""
+    if len(group) == 1:
+        return [_fetch_or_fail(group[0], options)]
+    kept = next((wf for wf in group if _holds_locked_bytes(options.dest / wf.path, wf)), None)
+    if kept is None:
+        kept = group[0]
+        first = _fetch_or_fail(kept, options)
+    else:
+        logger.info("%s: present with the locked SHA-256", kept.path)
+        first = FileOutcome(kept.path, "present")
+    outcomes = [first]
+    for wf in group:
+        if wf is kept:
+            continue
+        if first.status == "failed":
+            detail = f"{wf.path}: not fetched, as it holds the same bytes as {kept.path}, which failed"
+            outcomes.append(FileOutcome(wf.path, "failed", detail))
+            continue
+        try:
+            outcomes.append(link_file(wf, options.dest / kept.path, options.dest))
+        except OSError as e:
+            detail = (f"{wf.path}: could not hard-link it to {kept.path} under {options.dest}: {e}; the models "
+                      "folder must be on a file system with hard links")
+            outcomes.append(FileOutcome(wf.path, "failed", detail))
+    return outcomes
+
+
+def _holds_locked_bytes(path: Path, wf: WeightFile) -> bool:
+    return path.is_file() and path.stat().st_size == wf.size and file_sha256(path) == wf.sha256
+
+
+def link_file(wf: WeightFile, source: Path, dest: Path) -> FileOutcome:
+    """Make ``dest/wf.path`` a hard link to ``source``, a verified file with the same locked bytes."""
+    final = dest / wf.path
+    if final.is_file() and os.path.samefile(final, source):
+        logger.info("%s: present, a hard link to %s", wf.path, source.relative_to(dest))
+        return FileOutcome(wf.path, "present")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    part = final.with_name(final.name + PART_SUFFIX)
+    part.unlink(missing_ok=True)
+    os.link(source, part)
+    os.replace(part, final)
+    logger.info("%s: hard-linked to %s (same SHA-256, stored once)", wf.path, source.relative_to(dest))
+    return FileOutcome(wf.path, "linked")
 
 
 def _fetch_or_fail(wf: WeightFile, options: FetchOptions) -> FileOutcome:
@@ -265,7 +327,7 @@ def _download_once(wf: WeightFile, part: Path, options: FetchOptions, bar: tqdm)
         headers = dict(target.headers)
         if have:
             headers["Range"] = f"bytes={have}-"
-        with _open(target.url, headers, options) as response:
+        with _open(wf, target.url, headers, options) as response:
             if have and response.status != 206:
                 logger.info("%s: the server ignored the range request; starting from byte 0", wf.path)
                 digest, have, resumed = hashlib.sha256(), 0, False
@@ -315,7 +377,8 @@ def _check_content_range(response: http.client.HTTPResponse, have: int, wf: Weig
 
 
 @contextlib.contextmanager
-def _open(url: str, headers: Mapping[str, str], options: FetchOptions) -> Iterator[http.client.HTTPResponse]:
+def _open(wf: WeightFile, url: str, headers: Mapping[str, str],
+          options: FetchOptions) -> Iterator[http.client.HTTPResponse]:
     request = urllib.request.Request(url, headers=dict(headers))
     try:
         response = _OPENER.open(request, timeout=options.timeout_s)
@@ -323,7 +386,9 @@ def _open(url: str, headers: Mapping[str, str], options: FetchOptions) -> Iterat
         e.close()
         if e.code in TRANSIENT_STATUS:
             raise _Transient(f"HTTP {e.code} from {url}") from None
-        raise FetchError(f"HTTP {e.code} {e.reason} from {url}; check the lock's source or the mirror") from None
+        raise FetchError(
+            f"{wf.path}: HTTP {e.code} {e.reason} from {url}; check the lock's source or the mirror"
+        ) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         raise _Transient(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
     with response:
@@ -414,7 +479,8 @@ def _convert_or_fail(wf: WeightFile, options: FetchOptions) -> FileOutcome:
     except (ConversionError, OSError) as e:
         return FileOutcome(
             wf.converted_path, "failed",
-            f"{wf.converted_path}: converting {wf.path} failed: {e}. Build without --convert-unet to keep the .pth.",
+            f"{wf.converted_path}: converting {wf.path} failed: {e}. Fetch without --convert-unet for "
+            f"{wf.component} to keep the file as published.",
         )
 
 
@@ -433,7 +499,8 @@ def convert_file(wf: WeightFile, options: FetchOptions) -> FileOutcome:
         logger.info("%s: conversion present and intact", wf.converted_path)
         outcome = FileOutcome(wf.converted_path, "present")
     else:
-        result = convert(dest / wf.path, target, {"source": wf.path, "source_sha256": wf.sha256})
+        result = convert(dest / wf.path, target, {"source": wf.path, "source_sha256": wf.sha256},
+                         cast_to=wf.converted_dtype)
         record_conversion(dest, Conversion(wf.converted_path, result.size, result.sha256, wf.path, wf.sha256))
         logger.info("%s: converted from %s, %d tensors, %d bytes, SHA-256 %s",
                     wf.converted_path, wf.path, result.tensors, result.size, result.sha256)
@@ -468,16 +535,19 @@ def _parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, Fetc
     parser.add_argument("--retry-wait", type=float, default=1.0,
                         help="first backoff in seconds, doubling per attempt up to 30 (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds (default: %(default)s)")
-    parser.add_argument("--convert-unet", action="store_true",
-                        help="also write the UNet as safetensors (musetalkV15/unet.safetensors) and record its hash")
+    parser.add_argument("--convert-unet", nargs="?", const="all", default="", metavar="COMPONENTS",
+                        help="also write the UNets of these components (comma-separated; 'all' when no value is "
+                             "given) as safetensors, e.g. musetalkV15/unet.safetensors, and record their hashes; "
+                             "LatentSync's are cast to fp16 (latentsync-*/latentsync_unet.safetensors)")
     parser.add_argument("--remove-converted-sources", action="store_true",
-                        help="with --convert-unet: delete unet.pth once its conversion is recorded")
+                        help="with --convert-unet: delete each converted UNet's .pth/.pt once its conversion is "
+                             "recorded")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: only on a terminal)")
     args = parser.parse_args(argv)
     components = None
     if args.components:
-        components = tuple(n.strip() for value in args.components for n in value.split(",") if n.strip())
+        components = _names(",".join(args.components))
     options = FetchOptions(
         dest=args.dest.resolve(),
         lock_path=args.lock.resolve(),
@@ -488,22 +558,35 @@ def _parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, Fetc
         attempts=args.attempts,
         retry_wait_s=args.retry_wait,
         timeout_s=args.timeout,
-        convert_unet=args.convert_unet,
+        convert_unet=_names(args.convert_unet),
         remove_converted_sources=args.remove_converted_sources,
         progress=args.progress,
     )
     return args, options
 
 
+def _names(value: str) -> Tuple[str, ...]:
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
 def _expand_components(options: FetchOptions) -> FetchOptions:
-    """Replace the words ``default`` (the lock's default set) and ``all`` by component names."""
-    if options.components is None:
-        return options
+    """Replace the words ``default`` (the lock's default set) and ``all`` by component names.
+
+    Raises:
+        LockError: a name to convert is not a component of the lock (one to fetch is refused later).
+    """
     lock = load_lock(options.lock_path)
-    names: List[str] = []
-    for name in options.components:
-        names += {"default": list(lock.default_components), "all": list(lock.components)}.get(name, [name])
-    return dataclasses.replace(options, components=tuple(dict.fromkeys(names)))
+
+    def expand(chosen: Sequence[str]) -> Tuple[str, ...]:
+        names: List[str] = []
+        for name in chosen:
+            names += {"default": list(lock.default_components), "all": list(lock.components)}.get(name, [name])
+        return tuple(dict.fromkeys(names))
+
+    convert_unet = expand(options.convert_unet)
+    lock.select(convert_unet)
+    components = None if options.components is None else expand(options.components)
+    return dataclasses.replace(options, components=components, convert_unet=convert_unet)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -525,7 +608,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"FAILED {outcome.detail}", file=sys.stderr)
     print(
         f"{result.count('downloaded')} downloaded, {result.count('present')} already present, "
-        f"{result.count('converted')} converted, {len(result.failed)} failed, in {options.dest}"
+        f"{result.count('linked')} linked to the same bytes, {result.count('converted')} converted, "
+        f"{len(result.failed)} failed, in {options.dest}"
     )
     return 0 if result.ok else 1
 

@@ -11,11 +11,16 @@ worker runs the check before torch is loaded, and the image's weights stage
 runs it with this one file copied alone.
 
 A lock entry may name a ``converted_path``: a safetensors copy of the file that
-the downloader can make (``--convert-unet``). The conversion is recorded, with
-its own size and hash and the hash of the file it came from, in
+the downloader can make (``--convert-unet``), with its floating-point tensors
+cast to ``converted_dtype`` when the entry names one. The conversion is
+recorded, with its own size and hash and the hash of the file it came from, in
 ``weights.converted.json`` in the models folder. A recorded, matching
 conversion stands in for its source file; an unrecorded one is an error,
 because the engine prefers it to the source.
+
+Entries at different paths may hold the same bytes (the VAE that MuseTalk and
+each LatentSync folder use): they must then agree on the size, and the
+downloader fetches the bytes once and hard-links the other paths.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from typing import Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Uni
 LOCK_FILE = Path(__file__).resolve().parents[1] / "weights.lock.json"
 CONVERSIONS_FILE = "weights.converted.json"
 LOCK_FORMAT = 1
+# The dtypes a conversion may cast floating-point tensors to (safetensors names).
+CONVERTED_DTYPES = ("F16",)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -80,6 +87,7 @@ class WeightFile:
         source: where the downloader gets it.
         component: the component it belongs to.
         converted_path: where a safetensors conversion of it goes, if it can be converted.
+        converted_dtype: the dtype the conversion casts float32 tensors to; None keeps every dtype.
         note: anything a reader of the lock should know about this entry.
     """
 
@@ -89,6 +97,7 @@ class WeightFile:
     source: Source
     component: str
     converted_path: Optional[str] = None
+    converted_dtype: Optional[str] = None
     note: str = ""
 
 
@@ -165,6 +174,7 @@ def load_lock(path: Union[str, Path, None] = None) -> WeightsLock:
 
     components: Dict[str, Component] = {}
     seen: Dict[str, str] = {}
+    by_sha256: Dict[str, WeightFile] = {}
     for name, body in raw_components.items():
         where = f"{lock_path}: component {name!r}"
         if not isinstance(body, dict) or not isinstance(body.get("files"), list) or not body["files"]:
@@ -175,6 +185,12 @@ def load_lock(path: Union[str, Path, None] = None) -> WeightsLock:
                 if claimed in seen:
                     raise LockError(f"{where}: {claimed} is already claimed by component {seen[claimed]!r}")
                 seen[claimed] = name
+            twin = by_sha256.setdefault(f.sha256, f)
+            if twin.size != f.size:
+                raise LockError(
+                    f"{where}: {f.path} has the SHA-256 of {twin.path} but {f.size} bytes instead of {twin.size}; "
+                    "one of the two entries is wrong"
+                )
         components[name] = Component(name, str(body.get("description", "")), files)
 
     defaults = raw.get("default_components")
@@ -201,6 +217,12 @@ def _parse_file(entry: object, component: str, where: str) -> WeightFile:
     converted = entry.get("converted_path")
     if converted is not None and not (_is_relative_posix(converted) and converted.endswith(".safetensors")):
         raise LockError(f"{where}: \"converted_path\" must be a relative path ending in .safetensors")
+    converted_dtype = entry.get("converted_dtype")
+    if converted_dtype is not None and (converted is None or converted_dtype not in CONVERTED_DTYPES):
+        raise LockError(
+            f"{where}: \"converted_dtype\" needs a \"converted_path\" and must be one of "
+            f"{', '.join(CONVERTED_DTYPES)}, got {converted_dtype!r}"
+        )
     return WeightFile(
         path=path,
         size=size,
@@ -208,6 +230,7 @@ def _parse_file(entry: object, component: str, where: str) -> WeightFile:
         source=_parse_source(entry.get("source"), where),
         component=component,
         converted_path=converted,
+        converted_dtype=converted_dtype,
         note=str(entry.get("note", "")),
     )
 
@@ -267,9 +290,9 @@ def read_conversions(models_dir: Union[str, Path]) -> Dict[str, Conversion]:
 def record_conversion(models_dir: Union[str, Path], conversion: Conversion) -> None:
     """Add (or replace) one conversion in the models folder's record, atomically."""
     record = Path(models_dir) / CONVERSIONS_FILE
-    entries = {path: dataclasses.asdict(c) for path, c in read_conversions(models_dir).items()}
-    fields = dataclasses.asdict(conversion)
-    entries[fields.pop("path")] = fields
+    conversions = {**read_conversions(models_dir), conversion.path: conversion}
+    # Keyed by path, so the path is not repeated inside (read_conversions puts it back).
+    entries = {path: {k: v for k, v in dataclasses.asdict(c).items() if k != "path"} for path, c in conversions.items()}
     tmp = record.with_name(record.name + ".tmp")
     tmp.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, record)
@@ -371,6 +394,31 @@ def verify_models(
     problems = [p for wf in files if (p := check_file(root, wf, conversions, check_hashes)) is not None]
     chosen = lock.default_components if components is None else tuple(components)
     return VerifyReport(root, lock.path, chosen, len(files), check_hashes, tuple(problems))
+
+
+def present_components(
+    models_dir: Union[str, Path],
+    lock_path: Union[str, Path, None] = None,
+    components: Optional[Sequence[str]] = None,
+) -> Tuple[str, ...]:
+    """The components (of ``components``, or of the whole lock) with at least one file in the models folder.
+
+    For optional models that an image may or may not hold (LatentSync 1.5 and
+    1.6): the worker verifies those that are there, so a half-filled folder is
+    an error at start while an absent one only means the model is not offered.
+    A recorded conversion's file counts as its entry's.
+
+    Raises:
+        LockError: the lock is unreadable or a component name is unknown.
+    """
+    lock = load_lock(lock_path)
+    root = Path(models_dir)
+    names = tuple(lock.components) if components is None else tuple(components)
+    lock.select(names)  # unknown names are an error, not an absent model
+    def holds(wf: WeightFile) -> bool:
+        return any((root / rel).exists() for rel in filter(None, (wf.path, wf.converted_path)))
+
+    return tuple(name for name in dict.fromkeys(names) if any(map(holds, lock.components[name].files)))
 
 
 def check_file(

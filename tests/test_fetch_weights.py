@@ -22,12 +22,12 @@ import sys
 import threading
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
 from conftest import FIXTURE_MODELS, ROOT
-from musetalk_worker.weights import CONVERSIONS_FILE, load_lock, verify_models
+from musetalk_worker.weights import CONVERSIONS_FILE, load_lock, present_components, verify_models
 
 HF_REPO = "TMElyralab/MuseTalk"
 HF_REVISION = "2bcb936e2fddb4d86db4c62fd45b387d0c061571"
@@ -363,28 +363,28 @@ def test_the_converter_refuses_a_pickle_that_is_not_a_state_dict(tmp_path):
 
 
 class FakeHub:
-    """Answers /{repo}/resolve/{commit}/{path} as the Hub does for a pinned file.
+    """Answers /{repo}/resolve/{commit}/{path} as the Hub does for a pinned file, for each (repo, commit) given.
 
     Large files are LFS: a 302 to the CDN (another origin) carrying X-Linked-Etag
     (the SHA-256) and X-Linked-Size. Small files are answered directly with their
     git blob id as ETag. Every answer names the commit in X-Repo-Commit.
     """
 
-    def __init__(self, repo: str, revision: str, files: Dict[str, bytes]):
-        self.repo, self.revision, self.files = repo, revision, files
-        self.answered_commit = revision
+    def __init__(self, repos: Dict[Tuple[str, str], Dict[str, bytes]]):
+        self.routes = {f"/{repo}/resolve/{revision}/{path}": (revision, data)
+                       for (repo, revision), files in repos.items() for path, data in files.items()}
+        self.answered_commit: Optional[str] = None
         self.etag_override: Optional[str] = None
         self.faults: collections.deque = collections.deque()
         self.cdn = LoopbackServer(self._cdn)
         self.hub = LoopbackServer(self._hub)
-        self.blobs = {hashlib.sha256(data).hexdigest(): data for data in files.values()}
+        self.blobs = {hashlib.sha256(data).hexdigest(): data for _, data in self.routes.values()}
 
     def _hub(self, h: http.server.BaseHTTPRequestHandler) -> None:
         if self.faults:
             h.send_error(int(self.faults.popleft()))
             return
-        prefix = f"/{self.repo}/resolve/{self.revision}/"
-        data = self.files.get(h.path[len(prefix):]) if h.path.startswith(prefix) else None
+        revision, data = self.routes.get(h.path, (None, None))
         if data is None:
             h.send_response(404)
             h.send_header("X-Error-Code", "EntryNotFound")
@@ -395,7 +395,7 @@ class FakeHub:
         if len(data) > 1_000_000:
             h.send_response(302)
             h.send_header("Location", f"{self.cdn.url}/blobs/{sha}")
-            h.send_header("X-Repo-Commit", self.answered_commit)
+            h.send_header("X-Repo-Commit", self.answered_commit or revision)
             h.send_header("X-Linked-Etag", f'"{self.etag_override or sha}"')
             h.send_header("X-Linked-Size", str(len(data)))
             h.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
@@ -403,7 +403,7 @@ class FakeHub:
             h.end_headers()
             return
         git_blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        send_bytes(h, data, headers={"X-Repo-Commit": self.answered_commit, "ETag": f'"{git_blob}"'})
+        send_bytes(h, data, headers={"X-Repo-Commit": self.answered_commit or revision, "ETag": f'"{git_blob}"'})
 
     def _cdn(self, h: http.server.BaseHTTPRequestHandler) -> None:
         data = self.blobs.get(h.path.removeprefix("/blobs/"))
@@ -417,17 +417,19 @@ class FakeHub:
         self.cdn.close()
 
 
+HUB_FILES = (UNET, "musetalkV15/musetalk.json")
+
+
 @pytest.fixture
 def hub(fixture_files):
-    files = {rel: fixture_files[rel]["data"] for rel in (UNET, "musetalkV15/musetalk.json")}
-    server = FakeHub(HF_REPO, HF_REVISION, files)
+    server = FakeHub({(HF_REPO, HF_REVISION): {rel: fixture_files[rel]["data"] for rel in HUB_FILES}})
     yield server
     server.close()
 
 
 @pytest.fixture
 def hf_lock(tmp_path, fixture_files, hub) -> Path:
-    files = {rel: fixture_files[rel] for rel in hub.files}
+    files = {rel: fixture_files[rel] for rel in HUB_FILES}
     return write_lock(tmp_path / "lock.json", files,
                       lambda rel: {"type": "hf", "repo": HF_REPO, "revision": HF_REVISION, "path": rel})
 
@@ -436,10 +438,10 @@ def test_hugging_face_files_are_resolved_by_huggingface_hub_and_verified(tmp_pat
     dest = tmp_path / "models"
     result = run_fetch(tmp_path, "--lock", str(hf_lock), "--dest", str(dest), env={"HF_ENDPOINT": hub.hub.url})
     assert result.returncode == 0, result.stderr
-    for rel in hub.files:
+    for rel in HUB_FILES:
         assert sha256_of(dest / rel) == fixture_files[rel]["sha256"]
     heads = [s for s in hub.hub.seen if s.method == "HEAD"]
-    assert {s.path for s in heads} == {f"/{HF_REPO}/resolve/{HF_REVISION}/{rel}" for rel in hub.files}
+    assert {s.path for s in heads} == {f"/{HF_REPO}/resolve/{HF_REVISION}/{rel}" for rel in HUB_FILES}
     assert all("hf_hub/" in s.headers.get("user-agent", s.headers.get("User-Agent", "")) for s in heads)
     # The LFS file came from the CDN address the Hub redirected to; the small one from the Hub itself.
     assert len(hub.cdn.gets(f"/blobs/{fixture_files[UNET]['sha256']}")) == 1
@@ -484,3 +486,199 @@ def test_the_project_lock_is_the_default(tmp_path):
     default = load_lock().select(None)
     assert f"{len(default)} missing, 0 wrong" in result.stdout
     assert "musetalkV15/unet.pth" in result.stdout and "s3fd/s3fd-619a316812.pth" in result.stdout
+
+
+# --- LatentSync: the project lock's own entries, with the parity fixture's bytes, through the fake Hub ------------
+
+LATENTSYNC = ("latentsync-1.6", "latentsync-1.5")
+
+
+@pytest.fixture(scope="module")
+def latentsync_models() -> Path:
+    """A LatentSync parity fixture's models folder (the layout of a LatentSync model folder)."""
+    from latentsync_fixtures import fixture_dirs
+
+    folders = fixture_dirs()
+    if not folders:
+        pytest.skip("no LatentSync parity fixture found")
+    return folders[0] / "models"
+
+
+@pytest.fixture(scope="module")
+def edge_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint in LatentSync's format whose float32 values cover float16's edges.
+
+    Random bit patterns (every exponent: subnormals, values past 65504, NaN), the
+    rounding ties, signed zeros and infinities; an int64 and a float16 tensor pass
+    through uncast.
+    """
+    torch = pytest.importorskip("torch")
+    bits = torch.randint(-2**31, 2**31 - 1, (256, 1024), generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    ties = [1 + 2**-11, 1 + 3 * 2**-11, 65519.0, 65520.0, 2.0**-25, 3 * 2.0**-26]
+    state_dict = {
+        "random_bits": bits.view(torch.float32),
+        "edges": torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-10, -1e30, *ties]),
+        "steps": torch.arange(6),
+        "already_half": torch.linspace(-2, 2, 9).half(),
+    }
+    path = tmp_path_factory.mktemp("edge") / "latentsync_unet.pt"
+    torch.save({"state_dict": state_dict, "global_step": 7}, path)
+    return path
+
+
+def assert_holds_half_of(converted: Dict[str, "torch.Tensor"], checkpoint: Path) -> None:
+    """``converted`` has the checkpoint state dict's keys and shapes, with float32 tensors as ``tensor.half()``."""
+    import torch
+
+    original = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert set(converted) == set(original)
+    for key, tensor in original.items():
+        expected = tensor.half() if tensor.dtype == torch.float32 else tensor
+        got = converted[key]
+        assert got.dtype == expected.dtype and got.shape == expected.shape, key
+        if expected.dtype != torch.float16:
+            assert torch.equal(got, expected), key
+            continue
+        # Bit for bit: -0.0, infinities and rounding ties included; a NaN only has to stay NaN.
+        nan = torch.isnan(expected)
+        assert torch.equal(torch.isnan(got), nan), key
+        assert torch.equal(got.view(torch.int16)[~nan], expected.view(torch.int16)[~nan]), key
+
+
+def test_a_latentsync_checkpoint_is_converted_to_float16_without_torch(tmp_path, latentsync_models, edge_checkpoint):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from builder.pth_to_safetensors import convert
+
+    for checkpoint in (latentsync_models / "latentsync_unet.pt", edge_checkpoint):
+        first = convert(checkpoint, tmp_path / "a.safetensors", {}, cast_to="F16")
+        again = convert(checkpoint, tmp_path / "b.safetensors", {}, cast_to="F16")
+        assert first.sha256 == again.sha256  # the same bytes each time: the recorded hash means something
+        assert_holds_half_of(safetensors_torch.load_file(first.path), checkpoint)
+    # Without a cast the state dict comes out exactly as stored.
+    import torch
+
+    kept = safetensors_torch.load_file(convert(edge_checkpoint, tmp_path / "c.safetensors", {}).path)
+    original = torch.load(edge_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(kept[k].view(torch.uint8), v.view(torch.uint8)) for k, v in original.items())
+
+
+def test_the_converter_refuses_a_training_checkpoint_with_more_than_numbers_beside_its_state_dict(tmp_path):
+    torch = pytest.importorskip("torch")
+    from builder.pth_to_safetensors import ConversionError, convert
+
+    src = tmp_path / "with_optimizer.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "optimizer": {"exp_avg": torch.zeros(2)}}, src)
+    with pytest.raises(ConversionError, match=r"more than a state dict .*\(optimizer\)"):
+        convert(src, tmp_path / "out.safetensors", {}, cast_to="F16")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def _stand_in(rel: str, latentsync_models: Path, edge_checkpoint: Path) -> bytes:
+    """The fixture's bytes for a file of the project lock: its namesake in a LatentSync model folder."""
+    if rel == "latentsync-1.5/latentsync_unet.pt":
+        return edge_checkpoint.read_bytes()  # the two versions' UNets differ, as upstream's do
+    folder, name = rel.split("/", 1)
+    return (latentsync_models / ("sd-vae-ft-mse/" + name if folder == "sd-vae" else name)).read_bytes()
+
+
+@pytest.fixture
+def latentsync_setup(tmp_path, latentsync_models, edge_checkpoint):
+    """The project lock's vae and LatentSync components with the fixture's bytes, and a Hub and mirror serving them."""
+    lock = json.loads((ROOT / "weights.lock.json").read_text())
+    components = {name: lock["components"][name] for name in ("vae", *LATENTSYNC)}
+    repos: Dict[Tuple[str, str], Dict[str, bytes]] = collections.defaultdict(dict)
+    mirror = FileMirror()
+    for body in components.values():
+        for entry in body["files"]:
+            data = _stand_in(entry["path"], latentsync_models, edge_checkpoint)
+            entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+            source = entry["source"]
+            if source["type"] == "hf":
+                repos[source["repo"], source["revision"]][source["path"]] = data
+            else:
+                mirror.routes["/mirror/" + source["url"].removeprefix("https://")] = data
+    path = tmp_path / "lock.json"
+    path.write_text(json.dumps({"format": 1, "default_components": ["vae"], "components": components}))
+    hub = FakeHub(repos)
+    env = {"HF_ENDPOINT": hub.hub.url, "WEIGHTS_URL_MIRROR": f"{mirror.server.url}/mirror"}
+    yield path, hub, mirror, env
+    hub.close()
+    mirror.server.close()
+
+
+def test_latentsync_downloads_through_the_hub_shares_files_and_keeps_only_the_fp16_unet(
+        tmp_path, latentsync_setup, latentsync_models, edge_checkpoint):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    lock, hub, mirror, env = latentsync_setup
+    dest = tmp_path / "models"
+    base = ("--lock", str(lock), "--dest", str(dest))
+    # MuseTalk's VAE is there first, as in the image's default set.
+    first = run_fetch(tmp_path, *base, "--components", "vae", env=env)
+    assert first.returncode == 0, first.stderr
+    hub_before = len(hub.hub.seen)
+
+    args = (*base, "--components", "vae,latentsync-1.6,latentsync-1.5", "--jobs", "3",
+            "--convert-unet", "latentsync-1.6,latentsync-1.5", "--remove-converted-sources")
+    result = run_fetch(tmp_path, *args, env=env)
+    assert result.returncode == 0, result.stderr
+    # Downloaded: the two UNets, one tiny.pt and one mask; linked: the VAE twice over and the other tiny.pt and mask.
+    assert "4 downloaded, 2 already present, 6 linked to the same bytes, 2 converted, 0 failed" in result.stdout
+
+    # The VAE came from the Hub once, for sd-vae/; the LatentSync folders asked nothing about it.
+    vae = json.loads(lock.read_text())["components"]["vae"]["files"][1]
+    assert vae["path"] == "sd-vae/diffusion_pytorch_model.safetensors"
+    assert len(hub.cdn.gets(f"/blobs/{vae['sha256']}")) == 1
+    assert [s.path for s in hub.hub.seen[hub_before:] if "stabilityai" in s.path] == []
+    whisper = [s for s in hub.hub.seen if s.path.endswith("/whisper/tiny.pt")]
+    assert [s.method for s in whisper] == ["HEAD", "GET"]  # one version's copy only
+    assert sum(len(mirror.server.gets(p)) for p in mirror.routes) == 1
+
+    # One file each, under every path: same inode, as many links as paths.
+    shared = {
+        ("sd-vae", "latentsync-1.6/sd-vae-ft-mse", "latentsync-1.5/sd-vae-ft-mse"):
+            ("config.json", "diffusion_pytorch_model.safetensors"),
+        ("latentsync-1.6", "latentsync-1.5"): ("whisper/tiny.pt", "mask.png"),
+    }
+    for folders, names in shared.items():
+        for name in names:
+            stats = [os.stat(dest / folder / name) for folder in folders]
+            assert len({st.st_ino for st in stats}) == 1 and stats[0].st_nlink == len(folders), name
+
+    # Each version keeps only its UNet's fp16 safetensors, recorded, and it loads as the checkpoint's half().
+    record = json.loads((dest / CONVERSIONS_FILE).read_text())
+    for name, checkpoint in zip(LATENTSYNC, (latentsync_models / "latentsync_unet.pt", edge_checkpoint)):
+        converted = dest / name / "latentsync_unet.safetensors"
+        assert not (dest / name / "latentsync_unet.pt").exists()
+        assert record[f"{name}/latentsync_unet.safetensors"]["sha256"] == sha256_of(converted)
+        assert_holds_half_of(safetensors_torch.load_file(converted), checkpoint)
+    assert leftovers(dest) == []
+    assert verify_models(dest, lock, ["vae", *LATENTSYNC], check_hashes=True).ok
+    assert present_components(dest, lock, LATENTSYNC) == LATENTSYNC
+
+    # Built again (a cache miss on the same folder): nothing is fetched, linked or converted.
+    requests = len(hub.hub.seen), len(hub.cdn.seen), len(mirror.server.seen)
+    again = run_fetch(tmp_path, *args, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "0 downloaded, 14 already present, 0 linked to the same bytes, 0 converted, 0 failed" in again.stdout
+    assert (len(hub.hub.seen), len(hub.cdn.seen), len(mirror.server.seen)) == requests
+
+
+def test_files_with_the_same_bytes_fail_together_when_their_one_download_fails(tmp_path, latentsync_setup):
+    lock, hub, mirror, env = latentsync_setup
+    for route in mirror.routes:
+        mirror.faults[route].append("404")
+    result = run_fetch(tmp_path, "--lock", str(lock), "--dest", str(tmp_path / "models"),
+                       "--components", ",".join(LATENTSYNC), env=env)
+    assert result.returncode == 1
+    failed = [line for line in result.stderr.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2, result.stderr
+    assert any("latentsync-1.6/mask.png" in line and "HTTP 404" in line for line in failed), failed
+    assert any(line.startswith("FAILED latentsync-1.5/mask.png: not fetched, as it holds the same bytes as "
+                               "latentsync-1.6/mask.png, which failed") for line in failed), failed
+    assert sum(len(mirror.server.gets(p)) for p in mirror.routes) == 1
+
+
+def test_an_unknown_component_to_convert_is_a_usage_error(tmp_path, url_lock):
+    result = run_fetch(tmp_path, "--lock", str(url_lock), "--dest", str(tmp_path / "m"), "--convert-unet", "v16")
+    assert result.returncode == 2
+    assert "unknown component(s) v16" in result.stderr

@@ -11,9 +11,13 @@ from typing import Dict
 import pytest
 
 from conftest import ROOT, SHARED
-from musetalk_worker.weights import HFSource, LockError, URLSource, load_lock, verify_models
+from latentsync_fixtures import fixture_dirs
+from musetalk_worker.weights import HFSource, LockError, URLSource, load_lock, present_components, verify_models
 
 WEIGHTS_DOC = SHARED / "docs" / "weights.md"
+LATENTSYNC_DOC = SHARED / "docs" / "latentsync.md"
+LATENTSYNC = ("latentsync-1.6", "latentsync-1.5")
+UPSTREAM_RAW = "https://raw.githubusercontent.com/bytedance/LatentSync"
 
 # Every file the engine loads, by version (the models folder layout).
 ENGINE_FILES = {
@@ -32,12 +36,20 @@ ENGINE_FILES = {
     ],
 }
 ISSUE_COMPONENTS = {"v15", "v1", "vae", "whisper", "dwpose", "s3fd", "face_parsing", "syncnet", "gfpgan"}
+# What the LatentSync engine loads from a version's folder: the layout of a LatentSync model folder.
+LATENTSYNC_FILES = [
+    "latentsync_unet.pt",
+    "whisper/tiny.pt",
+    "sd-vae-ft-mse/config.json",
+    "sd-vae-ft-mse/diffusion_pytorch_model.safetensors",
+    "mask.png",
+]
 
 
 def test_every_entry_has_a_pinned_source_a_sha256_and_a_size():
     lock = load_lock()
     files = lock.all_files()
-    assert len(files) == 17
+    assert len(files) == 17 + 2 * len(LATENTSYNC_FILES)
     for f in files:
         assert re.fullmatch(r"[0-9a-f]{64}", f.sha256), f.path
         assert isinstance(f.size, int) and f.size > 0, f.path
@@ -58,6 +70,37 @@ def test_components_cover_every_file_the_engine_loads():
     assert set(ENGINE_FILES["v15"] + ENGINE_FILES["shared"]) <= default
     v1 = {f.path for f in lock.select(["v1"])}
     assert set(ENGINE_FILES["v1"]) == v1
+
+
+def test_each_latentsync_version_is_an_optional_self_contained_folder():
+    lock = load_lock()
+    assert not set(LATENTSYNC) & set(lock.default_components)  # 5 GB each: only on request
+    for name in LATENTSYNC:
+        assert [f.path for f in lock.components[name].files] == [f"{name}/{rel}" for rel in LATENTSYNC_FILES]
+        (unet,) = [f for f in lock.components[name].files if f.converted_path]
+        assert (unet.converted_path, unet.converted_dtype) == (f"{name}/latentsync_unet.safetensors", "F16")
+
+
+@pytest.mark.parametrize("folder", fixture_dirs(), ids=lambda folder: folder.name)
+def test_the_latentsync_layout_is_that_of_the_parity_fixtures(folder):
+    """The engine's parity tests read a fixture's models folder; the image's folders have the same files."""
+    models = folder / "models"
+    fixture = {p.relative_to(models).as_posix() for p in models.rglob("*") if p.is_file()}
+    # The fixture's configs describe its tiny architecture; the engine has the real ones built in.
+    assert {rel for rel in fixture if not rel.startswith("configs/")} == set(LATENTSYNC_FILES)
+
+
+def test_files_shared_between_models_are_the_same_locked_bytes():
+    """The VAE, Whisper tiny and the mask are one file each, whatever the folder (fetched once, then linked)."""
+    by_path = {f.path: f for f in load_lock().all_files()}
+    for name in LATENTSYNC:
+        for rel in ("config.json", "diffusion_pytorch_model.safetensors"):
+            ours, musetalk = by_path[f"{name}/sd-vae-ft-mse/{rel}"], by_path[f"sd-vae/{rel}"]
+            assert (ours.size, ours.sha256, ours.source) == (musetalk.size, musetalk.sha256, musetalk.source)
+        for rel in ("whisper/tiny.pt", "mask.png"):
+            ours, other = by_path[f"{name}/{rel}"], by_path[f"latentsync-1.6/{rel}"]
+            assert (ours.size, ours.sha256) == (other.size, other.sha256)
+    assert by_path["latentsync-1.6/latentsync_unet.pt"].sha256 != by_path["latentsync-1.5/latentsync_unet.pt"].sha256
 
 
 def _doc_rows() -> Dict[str, dict]:
@@ -93,7 +136,8 @@ def test_the_lock_matches_the_weights_document():
     if not WEIGHTS_DOC.is_file():
         pytest.skip(f"{WEIGHTS_DOC} not found")
     rows = _doc_rows()
-    lock_files = {f.path: f for f in load_lock().all_files()}
+    # weights.md lists MuseTalk's files; LatentSync's are in latentsync.md (the next test).
+    lock_files = {f.path: f for f in load_lock().all_files() if f.component not in LATENTSYNC}
     assert set(rows) == set(lock_files)
     for path, row in rows.items():
         f = lock_files[path]
@@ -102,6 +146,50 @@ def test_the_lock_matches_the_weights_document():
             assert (f.source.repo, f.source.revision) == row["source"], path
         else:
             assert f.source.url == row["source"], path
+
+
+def _latentsync_doc() -> tuple:
+    """From ../shared/docs/latentsync.md: the §1.2 table (first cell -> source cell, bytes, sha256), the full
+    Hub revisions of §1.1 (repo -> commit) and the upstream code commit of the header."""
+    text = LATENTSYNC_DOC.read_text()
+    section = text[text.index("### 1.2 Weight files"):text.index("### 1.3")]
+    rows: Dict[str, tuple] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and re.fullmatch(r"[\d,]+", cells[2]) and re.fullmatch(r"`[0-9a-f]{64}`", cells[3]):
+            rows[cells[0]] = (cells[1], int(cells[2].replace(",", "")), cells[3].strip("`"))
+    revisions = dict(re.findall(r"`(ByteDance/LatentSync-1\.[56])`, pinned by others at rev `([0-9a-f]{40})`", text))
+    upstream = re.search(r"HEAD `([0-9a-f]{40})`", text)[1]
+    return rows, revisions, upstream
+
+
+def test_the_latentsync_entries_match_the_latentsync_document():
+    if not LATENTSYNC_DOC.is_file():
+        pytest.skip(f"{LATENTSYNC_DOC} not found")
+    rows, revisions, upstream = _latentsync_doc()
+    vae_repo, vae_revision = re.fullmatch(r"`([^`]+)` @ `([0-9a-f]{40})`", rows["VAE `config.json`"][0]).groups()
+    by_path = {f.path: f for f in load_lock().all_files()}
+    for name in LATENTSYNC:
+        version = name.removeprefix("latentsync-")
+        repo = f"ByteDance/LatentSync-{version}"
+        expected = {  # file in the folder -> (its row's first cell, the source the lock must name)
+            "latentsync_unet.pt": (f"`latentsync_unet.pt` **({version})**", (repo, revisions[repo])),
+            "whisper/tiny.pt": ("`whisper/tiny.pt` (same in 1.5 and 1.6)", (repo, revisions[repo])),
+            "sd-vae-ft-mse/config.json": ("VAE `config.json`", (vae_repo, vae_revision)),
+            "sd-vae-ft-mse/diffusion_pytorch_model.safetensors":
+                ("VAE `diffusion_pytorch_model.safetensors`", (vae_repo, vae_revision)),
+            "mask.png": ("`LS/latentsync/utils/mask.png`", f"{UPSTREAM_RAW}/{upstream}/latentsync/utils/mask.png"),
+        }
+        assert set(expected) == set(LATENTSYNC_FILES)
+        for rel, (row, source) in expected.items():
+            f = by_path[f"{name}/{rel}"]
+            assert (f.size, f.sha256) == rows[row][1:], f.path
+            if isinstance(f.source, HFSource):
+                assert (f.source.repo, f.source.revision) == source, f.path
+                # The row names the repo (or "both repos" / "same" for the row above); §1.1 the full commit.
+                assert rows[row][0] in ("both repos", "same") or rows[row][0].startswith(f"`{source[0]}` @ `"), f.path
+            else:
+                assert f.source.url == source, f.path
 
 
 def _write(tmp_path: Path, mutate) -> Path:
@@ -126,6 +214,9 @@ def _first(lock: dict) -> dict:
         (lambda lock: _first(lock).pop("source"), r"\"source\" must be an object"),
         (lambda lock: lock["components"]["v1"]["files"].append(_first(lock)), r"already claimed by component 'v15'"),
         (lambda lock: lock["default_components"].append("v2"), r"unknown component\(s\) v2"),
+        (lambda lock: _first(lock).update(converted_dtype="F8"), r"\"converted_dtype\" .* one of F16"),
+        (lambda lock: lock["components"]["v1"]["files"][1].update(size=749),
+         r"has the SHA-256 of musetalkV15/musetalk.json but 749 bytes instead of 748"),
     ],
 )
 def test_a_broken_lock_is_refused_with_a_message_naming_the_field(tmp_path, mutate, message):
@@ -184,6 +275,26 @@ def test_verify_models_uses_the_project_lock_whatever_the_working_directory(tmp_
     assert not report.ok
     assert {p.path for p in report.missing} == {f.path for f in load_lock().select(None)}
     assert "s3fd/s3fd-619a316812.pth" in report.describe()
+
+
+def test_present_components_names_the_optional_models_a_folder_holds(tmp_path):
+    models = tmp_path / "models"
+    assert present_components(models, components=LATENTSYNC) == ()
+    mask = models / "latentsync-1.5" / "mask.png"
+    mask.parent.mkdir(parents=True)
+    mask.write_bytes(b"\x89PNG")
+    assert present_components(models, components=LATENTSYNC) == ("latentsync-1.5",)
+    # Present means checked: the half-filled folder is reported, naming what it lacks.
+    report = verify_models(models, components=present_components(models, components=LATENTSYNC))
+    assert {p.path for p in report.missing} == {f"latentsync-1.5/{r}" for r in LATENTSYNC_FILES if r != "mask.png"}
+    assert [(p.kind, p.path) for p in report.wrong] == [("size", "latentsync-1.5/mask.png")]
+    # The converted UNet alone (the image drops the .pt) counts as the model being there.
+    converted = models / "latentsync-1.6" / "latentsync_unet.safetensors"
+    converted.parent.mkdir()
+    converted.write_bytes(b"{}")
+    assert present_components(models, components=LATENTSYNC) == LATENTSYNC
+    with pytest.raises(LockError, match=r"unknown component\(s\) latentsync-1.0"):
+        present_components(models, components=["latentsync-1.0"])
 
 
 def test_the_worker_check_is_standard_library_only():
