@@ -23,9 +23,12 @@ RUN python -m pip install -r builder/requirements.txt
 COPY weights.lock.json ./
 COPY musetalk_worker/weights.py musetalk_worker/weights.py
 COPY builder/ builder/
-# "default" is the lock's default set; add components with a list such as "default,v1".
+# "default" is the lock's default set; add components with a list such as "default,v1" or
+# "default,latentsync-1.6" (LatentSync 1.6, +2.6 GB; latentsync-1.5 likewise).
 ARG WEIGHT_COMPONENTS=default
 # 1: store the UNet as musetalkV15/unet.safetensors (recorded hash) instead of unet.pth.
+# LatentSync's UNets are always stored as float16 latentsync_unet.safetensors (what the
+# engine computes in on the GPU): 2.5 GB instead of the 5 GB float32 latentsync_unet.pt.
 ARG CONVERT_UNET=0
 # Mirrors for mirrored or air-gapped builds (see README.md (The image)).
 ARG HF_ENDPOINT=https://huggingface.co
@@ -34,10 +37,11 @@ ARG WEIGHTS_URL_MIRROR=
 # mounted for this step alone and never stored in a layer.
 RUN --mount=type=secret,id=hf_token,required=false \
     set -eu; \
-    if [ "$CONVERT_UNET" = 1 ]; then set -- --convert-unet --remove-converted-sources; fi; \
+    convert=latentsync-1.6,latentsync-1.5; \
+    if [ "$CONVERT_UNET" = 1 ]; then convert="$convert,v15"; fi; \
     HF_TOKEN_PATH=/run/secrets/hf_token python -m builder.fetch_weights --lock weights.lock.json --dest /models \
-        --components "$WEIGHT_COMPONENTS" \
-        --jobs 4 --no-progress "$@"
+        --components "$WEIGHT_COMPONENTS" --convert-unet "$convert" --remove-converted-sources \
+        --jobs 4 --no-progress
 
 # ---------------------------------------------------------------------------------------
 FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION} AS mmcv
