@@ -331,35 +331,14 @@ def render(measured: Dict[str, object], summary: Dict[str, Dict[str, Optional[fl
     for label, key, form in rows:
         cells = [_cell(summary[mode][key], [run[key] for run in runs[mode]], form) for mode, _ in MODES]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "### Until the first segment: when each stage was first reported (s after `worker.run`, median)",
-        "",
-        "| stage | " + " | ".join(label for _, label in MODES) + " |",
-        "| --- |" + " ---: |" * len(MODES),
-    ]
-    for stage in _stage_order(runs):
-        cells = []
-        for mode, _ in MODES:
-            median = _median([run["stage_started_s"].get(stage) for run in runs[mode]])
-            cells.append("—" if median is None else f"{median:.3f}")
-        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "### The whole job: `timings` per stage (s, median)",
-        "",
+    lines += _median_table(
+        "Until the first segment: when each stage was first reported (s after `worker.run`, median)", None,
+        "stage", _stage_order(runs), runs, "stage_started_s")
+    lines += _median_table(
+        "The whole job: `timings` per stage (s, median)",
         "Engine stages overlap (decode, store reads, paste and encode run on threads of their own), so they "
         "can add up to more than the total.",
-        "",
-        "| timing | " + " | ".join(label for _, label in MODES) + " |",
-        "| --- |" + " ---: |" * len(MODES),
-    ]
-    for key in _timing_order(runs):
-        cells = []
-        for mode, _ in MODES:
-            median = _median([run["timings"].get(key) for run in runs[mode]])
-            cells.append("—" if median is None else f"{median:.3f}")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        "timing", _timing_order(runs), runs, "timings")
     lines += ["", f"**{verdict}**"]
     return "\n".join(lines)
 
@@ -369,6 +348,22 @@ def _cell(median: Optional[float], values: Sequence[Optional[float]], form: str)
         return "—"
     each = ", ".join("—" if v is None else form.format(v) for v in values)
     return f"**{form.format(median)}** ({each})"
+
+
+def _median_table(title: str, note: Optional[str], column: str, keys: List[str],
+                  runs: Dict[str, List[Dict[str, object]]], field: str) -> List[str]:
+    """Markdown lines of a table: per key, the median of ``run[field][key]`` in each mode ("—" where absent)."""
+    lines = ["", f"### {title}", ""]
+    if note:
+        lines += [note, ""]
+    lines += [f"| {column} | " + " | ".join(label for _, label in MODES) + " |", "| --- |" + " ---: |" * len(MODES)]
+    for key in keys:
+        cells = []
+        for mode, _ in MODES:
+            median = _median([run[field].get(key) for run in runs[mode]])
+            cells.append("—" if median is None else f"{median:.3f}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _stage_order(runs: Dict[str, List[Dict[str, object]]]) -> List[str]:
