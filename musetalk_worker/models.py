@@ -21,6 +21,7 @@ from .bisenet import BiSeNet, load_bisenet
 from .errors import ErrorCode, LipSyncError
 from .options import Acceleration
 from .precision import precise_cpu_group_norm
+from .vae import load_autoencoder
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,7 @@ def load_unet(models_dir: Path, version: str, device: torch.device, dtype: torch
 
 def load_vae(models_dir: Path, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
     """The sd-vae-ft-mse autoencoder, in eval mode."""
-    folder = require(models_dir, f"{VAE_DIR}/config.json").parent
-    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
-    return precise_cpu_group_norm(vae.to(device).eval().requires_grad_(False))
+    return load_autoencoder(require(models_dir, f"{VAE_DIR}/config.json").parent, device, dtype)
 
 
 def load_audio_encoder(models_dir: Path, device: torch.device) -> AudioEncoder:
