@@ -110,16 +110,16 @@ def _load_engine(models: Path, threads: Optional[int]):
     """The engine on the CPU with dlib landmarks, as every measured job uses it."""
     import torch
 
-    from musetalk_worker.pipeline import LipSyncPipeline
+    from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
 
     if threads:
         torch.set_num_threads(threads)
-    return LipSyncPipeline.from_models(models, device="cpu", landmarks="dlib")
+    return MuseTalkPipeline.from_models(models, device="cpu", landmarks="dlib")
 
 
 def _run_job(pipe, source: Path, audio: Path, batch_size: int) -> Dict[str, object]:
     """Runs one job; its wall time, frames, stage timings, and the RSS trace through it."""
-    from musetalk_worker import EngineOptions
+    from musetalk_worker import MuseTalkOptions
 
     # The job's running peak and current RSS after each batch of each pass: shows where
     # the peak is reached and whether it creeps up as the job goes on.
@@ -131,7 +131,7 @@ def _run_job(pipe, source: Path, audio: Path, batch_size: int) -> Dict[str, obje
 
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as scratch:
         started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        result = pipe(source, audio, Path(scratch) / "out.mp4", EngineOptions(batch_size=batch_size),
+        result = pipe(source, audio, Path(scratch) / "out.mp4", MuseTalkOptions(batch_size=batch_size),
                       progress=progress)
         job_s, cpu_after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
     # CPU seconds of every thread of this process (not of ffmpeg): the system share shows what an allocator

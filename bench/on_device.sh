@@ -167,10 +167,10 @@ EOF
   } 2>&1 | tee "$OUT/versions.txt" || die "a package of the kit does not import (above)"
   "$PY" - <<'EOF' || die "the engine or its dwpose back-end does not import (above)"
 import mmcv.ops  # noqa: F401  (through the stub with mmcv-lite)
-import musetalk_worker.pipeline  # noqa: F401
+import musetalk_worker.engines.musetalk.pipeline  # noqa: F401
 from musetalk_worker.faces import _mmpose_importable
 assert _mmpose_importable(), "mmpose.apis does not import"
-print("imports ok: musetalk_worker.pipeline, mmpose.apis")
+print("imports ok: musetalk_worker.engines.musetalk.pipeline, mmpose.apis")
 EOF
 }
 

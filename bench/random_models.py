@@ -217,7 +217,7 @@ def _write_whisper(dest: Path, config: Dict[str, object], seed: int) -> None:
 
 
 def _write_bisenet(dest: Path, seed: int) -> None:
-    from musetalk_worker.bisenet import BiSeNet, _OutputHead
+    from musetalk_worker.engines.musetalk.bisenet import BiSeNet, _OutputHead
 
     if (dest / BISENET_FILE).exists():
         return

@@ -86,9 +86,9 @@ def run_one(config: Config) -> Dict[str, object]:
     """Loads the engine and runs the job (twice with an avatar cache); the child's side of a measurement."""
     import torch
 
-    from musetalk_worker import EngineOptions, ErrorCode, LipSyncError
+    from musetalk_worker import MuseTalkOptions, ErrorCode, LipSyncError
     from musetalk_worker.options import Acceleration
-    from musetalk_worker.pipeline import LipSyncPipeline
+    from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -100,11 +100,11 @@ def run_one(config: Config) -> Dict[str, object]:
         cache_dir = Path(scratch) / "avatar-cache" if config.repeat_with_cache else None
         try:
             started = time.perf_counter()
-            pipe = LipSyncPipeline.from_models(Path(config.models), device=config.device, fp16=fp16,
+            pipe = MuseTalkPipeline.from_models(Path(config.models), device=config.device, fp16=fp16,
                                                landmarks=config.landmarks, cache_dir=cache_dir,
                                                acceleration=acceleration)
             report["load_s"] = time.perf_counter() - started
-            options = EngineOptions(batch_size=config.batch_size, fp16=fp16)
+            options = MuseTalkOptions(batch_size=config.batch_size, fp16=fp16)
             started = time.perf_counter()
             pipe.warm_up(options)
             report["warm_up_s"] = time.perf_counter() - started

@@ -253,7 +253,7 @@ def measure(args: argparse.Namespace, folder: Path) -> Dict[str, object]:
                                    f"{miss['cache_hit']} and {cached['cache_hit']}")
             runs["miss"].append(miss)
             runs["cached"].append(cached)
-        engine = worker.engine
+        engine = worker.engines["musetalk"]
         device = engine.device.type
         gpu = None
         if device == "cuda":

@@ -1,19 +1,12 @@
-"""MuseTalk lip-sync engine: face video or image + speech audio -> lip-synced mp4.
+"""Lip-sync engines (MuseTalk 1.5/1.0, LatentSync 1.6/1.5): face video or image + speech audio -> lip-synced mp4.
 
-Nothing heavy is imported here; ``LipSyncPipeline`` loads its models when you
-call ``LipSyncPipeline.from_models``.
+Nothing heavy is imported here: ``load_engine`` (or an engine class's
+``from_config``) loads the models when called.
 """
 
+from .engine import LipSyncResult, load_engine
 from .errors import ErrorCode, LipSyncError
-from .options import EngineOptions
+from .options import EngineConfig, LatentSyncOptions, MuseTalkOptions
 
-__all__ = ["EngineOptions", "ErrorCode", "LipSyncError", "LipSyncPipeline", "LipSyncResult"]
-
-
-def __getattr__(name):
-    # The pipeline pulls in torch and diffusers; import it only when asked for.
-    if name in ("LipSyncPipeline", "LipSyncResult"):
-        from . import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(name)
+__all__ = ["EngineConfig", "ErrorCode", "LatentSyncOptions", "LipSyncError", "LipSyncResult", "MuseTalkOptions",
+           "load_engine"]

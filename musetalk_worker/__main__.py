@@ -11,7 +11,8 @@ from typing import Dict, Optional
 from tqdm import tqdm
 
 from .errors import LipSyncError
-from .options import PARSING_MODES, VERSIONS, EngineOptions
+from .options import MODELS, PARSING_MODES, EngineConfig
+from .schema import engine_field_names, parse_job
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,20 +20,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, type=Path, help="face video or still image")
     p.add_argument("--audio", required=True, type=Path, help="speech audio (any format ffmpeg reads)")
     p.add_argument("--out", required=True, type=Path, help="output mp4")
-    p.add_argument("--models", required=True, type=Path, help="models folder (standard layout)")
-    p.add_argument("--version", choices=VERSIONS, default="v15")
+    p.add_argument("--models", required=True, type=Path,
+                   help="models folder (standard layout); for --model latentsync also a LatentSync model folder")
+    p.add_argument("--model", choices=MODELS, default="musetalk")
+    p.add_argument("--version", default=None, help="musetalk: v15 (default) or v1; latentsync: 1.6 (default) or 1.5")
     p.add_argument("--landmarks", choices=("auto", "dwpose", "dlib"), default="auto")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--fp16", action="store_true", help="compute in float16 (GPU only)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--bbox-shift", type=int, default=0)
-    p.add_argument("--extra-margin", type=int, default=None, help="default: 10 for v15, 0 for v1")
-    p.add_argument("--parsing-mode", choices=PARSING_MODES, default=None, help="default: jaw for v15, raw for v1")
-    p.add_argument("--left-cheek-width", type=int, default=90)
-    p.add_argument("--right-cheek-width", type=int, default=90)
-    p.add_argument("--fps", type=float, default=25.0, help="frame rate for a still image source")
-    p.add_argument("--crf", type=int, default=18)
+    p.add_argument("--fp16", action="store_true", default=None, help="compute in float16 (GPU only)")
+    p.add_argument("--crf", type=int, help="video quality, lower is better (18)")
+    musetalk = p.add_argument_group("musetalk options")
+    musetalk.add_argument("--batch-size", type=int, help="frames per UNet/VAE batch (8)")
+    musetalk.add_argument("--bbox-shift", type=int, help="moves the top of the face box (0)")
+    musetalk.add_argument("--extra-margin", type=int, help="pixels below the chin; default 10 for v15, 0 for v1")
+    musetalk.add_argument("--parsing-mode", choices=PARSING_MODES, help="default: jaw for v15, raw for v1")
+    musetalk.add_argument("--left-cheek-width", type=int, help="(90)")
+    musetalk.add_argument("--right-cheek-width", type=int, help="(90)")
+    musetalk.add_argument("--fps", type=float, help="frame rate for a still image source (25)")
+    latentsync = p.add_argument_group("latentsync options")
+    latentsync.add_argument("--steps", type=int, help="DDIM steps (20)")
+    latentsync.add_argument("--guidance", type=float, help="guidance scale, 1.0 = none (1.5)")
+    latentsync.add_argument("--seed", type=int, help="seed of the noise and the VAE samples (1247)")
+    latentsync.add_argument("--deepcache", action=argparse.BooleanOptionalAction, default=None,
+                            help="DeepCache on the UNet (on)")
     return p
+
+
+def _job(args: argparse.Namespace) -> dict:
+    """The job input the arguments describe, so the CLI validates exactly as the worker does."""
+    job = {"source": str(args.source), "audio": str(args.audio), "model": args.model}
+    for name in engine_field_names():
+        value = getattr(args, name, None)
+        if value is not None:
+            job[name] = value
+    return job
 
 
 class _ProgressBars:
@@ -64,27 +84,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     bars = _ProgressBars()
     try:
-        options = EngineOptions(
-            version=args.version,
-            bbox_shift=args.bbox_shift,
-            extra_margin=args.extra_margin,
-            parsing_mode=args.parsing_mode,
-            left_cheek_width=args.left_cheek_width,
-            right_cheek_width=args.right_cheek_width,
-            batch_size=args.batch_size,
-            fps=args.fps,
-            fp16=args.fp16,
-            crf=args.crf,
-        )
+        job = parse_job(_job(args))
+        options = job.engine_options()
         for path, what in ((args.source, "source"), (args.audio, "audio")):
             if not path.is_file():
                 raise LipSyncError("invalid_input", f"the {what} file {path} does not exist")
-        from .pipeline import LipSyncPipeline
+        from .engine import load_engine
 
-        pipeline = LipSyncPipeline.from_models(
-            args.models, device=args.device, fp16=args.fp16, landmarks=args.landmarks, versions=(args.version,)
-        )
-        result = pipeline(args.source, args.audio, args.out, options, progress=bars)
+        engine = load_engine(job.model, EngineConfig(args.models, device=args.device, landmarks=args.landmarks,
+                                                     versions=(options.version,), fp16=options.fp16))
+        result = engine(args.source, args.audio, args.out, options, progress=bars)
     except LipSyncError as error:
         bars.close()
         print(f"error ({error.code.value}): {error}", file=sys.stderr)

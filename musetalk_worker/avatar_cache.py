@@ -1,10 +1,11 @@
 """Avatar cache: the per-source-frame work of a face video, kept for the next job.
 
-Preparing a source (face boxes, latents, blend masks of every frame) costs more
-than generating from it. Jobs that reuse an avatar (the same face video with
-new speech) skip that work: a finished :class:`~musetalk_worker.store.SourceStore`
-is saved under a key made of the source's SHA-256 and every option that changes
-the prepared data. The folder may be a RunPod network volume shared by workers.
+Preparing a source (for MuseTalk: face boxes, latents, blend masks of every
+frame) costs more than generating from it. Jobs that reuse an avatar (the same
+face video with new speech) skip that work: an engine's finished per-source
+folder is saved under a key made of the source's SHA-256 and every option that
+changes the prepared data. The cache knows folders only; what is in them, and
+how to read it back, is the engine's. The folder may be a RunPod network volume shared by workers.
 
 The key is also the avatar's id, which a later job may give instead of the
 source. It is an HMAC of that description under a random secret kept in the
@@ -32,10 +33,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, TypeVar
 
 from .options import AVATAR_ID_PATTERN
-from .store import INDEX_FILE, CorruptStoreError, SourceStore
 from .weights import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,11 @@ SECRET_FILE = ".secret"
 # Bump when what a store holds, or how it is computed, changes.
 _KEY_VERSION = 2
 _ID = re.compile(AVATAR_ID_PATTERN)
+Entry = TypeVar("Entry")
+
+
+class CorruptEntryError(Exception):
+    """An entry's files do not check out (an engine's reader raises it, or a subclass)."""
 
 
 class AvatarCache:
@@ -61,21 +66,25 @@ class AvatarCache:
         described = json.dumps({"v": _KEY_VERSION, "source": file_sha256(source), **settings}, sort_keys=True)
         return hmac.new(self._secret, described.encode(), hashlib.sha256).hexdigest()[:40]
 
-    def open(self, key: str) -> Optional[SourceStore]:
-        """The saved store for ``key``, or None on a miss (or a malformed key); a corrupted entry is removed."""
+    def open(self, key: str, read: Callable[[Path], Entry]) -> Optional[Entry]:
+        """``read(folder)`` of the entry ``key``, or None on a miss (or a malformed key).
+
+        An entry ``read`` finds corrupted (:class:`CorruptEntryError`) is removed, a miss.
+        """
         if not _ID.fullmatch(key):
             return None
         folder = self.root / key
-        if not (folder / INDEX_FILE).exists():
+        if not folder.is_dir():
             return None
         try:
-            store = SourceStore.open(folder)
-        except CorruptStoreError as error:
+            entry = read(folder)
+        except CorruptEntryError as error:
             logger.warning("avatar cache entry %s is corrupted and will be prepared again: %s", key, error)
             shutil.rmtree(folder, ignore_errors=True)
             return None
-        os.utime(folder / INDEX_FILE)
-        return store
+        # The folder's time is its last use, for eviction.
+        os.utime(folder)
+        return entry
 
     def new_entry(self) -> Path:
         """A fresh temporary folder to prepare an entry in."""
@@ -101,8 +110,7 @@ class AvatarCache:
         for folder in self.root.iterdir():
             if folder.name.startswith(_TEMP_PREFIX) or not folder.is_dir():
                 continue
-            index = folder / INDEX_FILE
-            used = index.stat().st_mtime if index.exists() else 0.0
+            used = folder.stat().st_mtime
             size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
             entries.append((used, size, folder))
         total = sum(size for _, size, _ in entries)

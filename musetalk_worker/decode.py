@@ -162,16 +162,21 @@ def read_image(path: Path) -> np.ndarray:
     return frame
 
 
-def iter_video_frames(info: MediaInfo, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
+def iter_video_frames(info: MediaInfo, max_frames: Optional[int] = None,
+                      fps: Optional[Fraction] = None) -> Iterator[np.ndarray]:
     """Yields the frames of a video as BGR uint8 arrays, one at a time.
 
     Frames are passed through as stored (no frame-rate conversion), so the
-    output keeps the source's timing. ``max_frames`` stops decoding early.
+    output keeps the source's timing, unless ``fps`` asks for that rate
+    (frames dropped or repeated as ffmpeg's ``fps`` filter does, for an engine
+    trained at one rate). ``max_frames`` stops decoding early.
     """
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(info.path), "-map", "0:v:0"]
+    if fps is not None:
+        cmd += ["-vf", f"fps={fps.numerator}/{fps.denominator}"]
     if max_frames is not None:
         cmd += ["-frames:v", str(max_frames)]
-    cmd += ["-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "bgr24", "pipe:1"]
+    cmd += ["-fps_mode", "passthrough" if fps is None else "cfr", "-f", "rawvideo", "-pix_fmt", "bgr24", "pipe:1"]
     frame_bytes = info.width * info.height * 3
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -26,9 +26,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .encode import HlsOutput
 from .errors import ErrorCode, LipSyncError
-from .fetch import shown_url
 from .options import StreamOptions
-from .upload import _reason
+from .s3 import failure_reason, shown_url
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +132,7 @@ class SegmentPublisher:
         raise LipSyncError(
             ErrorCode.UPLOAD_FAILED,
             f"could not publish the stream: uploading s3://{self.bucket}/{self._failed_key} at "
-            f"{shown_url(self._client.meta.endpoint_url)} failed: {_reason(self.failed)}. Check the bucket name, "
+            f"{shown_url(self._client.meta.endpoint_url)} failed: {failure_reason(self.failed)}. Check the bucket name, "
             "endpoint and credentials (BUCKET_* variables or output.bucket / output.credentials), and that "
             "they allow PutObject.",
             stage="upload",
@@ -158,7 +157,7 @@ class SegmentPublisher:
                     Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True})
             except (ClientError, BotoCoreError) as err:
                 logger.warning("could not delete %d stream objects under s3://%s/%s: %s",
-                               len(batch), self.bucket, self.prefix, _reason(err))
+                               len(batch), self.bucket, self.prefix, failure_reason(err))
                 continue
             for error in reply.get("Errors", []):
                 logger.warning("could not delete s3://%s/%s: %s", self.bucket, error.get("Key"), error.get("Message"))
@@ -190,14 +189,14 @@ class SegmentPublisher:
                 return
         except Exception as err:  # noqa: BLE001 - kept for finish() to raise on the job's thread
             self.failed, self._failed_key = err, self._current_key
-            logger.warning("stream publishing stopped after %d segments: %s", self.segments, _reason(err))
+            logger.warning("stream publishing stopped after %d segments: %s", self.segments, failure_reason(err))
         if self._published and not self._ended:
             # Players of a stream that will not grow any more should end, not wait.
             try:
                 self._put_playlist(final=True)
             except _UPLOAD_ERRORS as err:
                 logger.warning("could not end the public playlist s3://%s/%s: %s",
-                               self.bucket, self.playlist_key, _reason(err))
+                               self.bucket, self.playlist_key, failure_reason(err))
 
     def _publish_listed(self, final: bool) -> None:
         """Uploads each segment ffmpeg lists and this publisher has not, then the playlist listing it."""

@@ -1,9 +1,12 @@
-"""Every setting of the engine, in one place.
+"""Every setting of the engines and the worker, in one place.
 
-``EngineOptions`` is what one job may choose; ``LIMITS`` documents the ranges the
-worker's input schema enforces, so the CLI, the handler and the engine agree.
-Defaults that depend on the model version (extra margin, parsing mode) are left
-as ``None`` and filled in by :meth:`EngineOptions.resolved`.
+``MuseTalkOptions`` and ``LatentSyncOptions`` are what one job may choose for
+each model (``ENGINE_OPTIONS`` maps a job's ``model`` to its class);
+``LIMITS`` documents the ranges the worker's input schema enforces, so the CLI,
+the handler and the engines agree. MuseTalk's defaults that depend on the
+version (extra margin, parsing mode) are left as ``None`` and filled in by
+:meth:`MuseTalkOptions.resolved`. ``EngineConfig`` is what an engine is loaded
+with (the deployment's choices); ``WorkerSettings`` the worker's environment.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ErrorCode, LipSyncError
 
@@ -20,7 +23,9 @@ Version = Literal["v15", "v1"]
 ParsingMode = Literal["jaw", "raw", "neck"]
 Box = Tuple[int, int, int, int]
 
+MODELS: Tuple[str, ...] = ("musetalk", "latentsync")
 VERSIONS: Tuple[str, ...] = ("v15", "v1")
+LATENTSYNC_VERSIONS: Tuple[str, ...] = ("1.6", "1.5")
 # An avatar id as the avatar cache makes them (40 hex digits: 160 bits).
 AVATAR_ID_PATTERN = r"^[0-9a-f]{40}$"
 PARSING_MODES: Tuple[str, ...] = ("jaw", "raw", "neck")
@@ -34,6 +39,9 @@ LIMITS = {
     "batch_size": (1, 256),
     "fps": (1.0, 120.0),
     "crf": (0, 51),
+    "steps": (1, 100),
+    "guidance": (1.0, 5.0),
+    "seed": (0, 2**63 - 1),
 }
 
 # Per version: (extra_margin, parsing_mode) used when the job does not choose.
@@ -41,7 +49,7 @@ _VERSION_DEFAULTS = {"v15": (10, "jaw"), "v1": (0, "raw")}
 
 
 @dataclasses.dataclass(frozen=True)
-class EngineOptions:
+class MuseTalkOptions:
     """What one lip-sync job may choose.
 
     Attributes:
@@ -78,22 +86,13 @@ class EngineOptions:
             _invalid("version", self.version, f"one of {', '.join(VERSIONS)}")
         if self.parsing_mode is not None and self.parsing_mode not in PARSING_MODES:
             _invalid("parsing_mode", self.parsing_mode, f"one of {', '.join(PARSING_MODES)}")
-        for name, (low, high) in LIMITS.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                _invalid(name, value, f"a number from {low} to {high}")
-            if isinstance(low, int) and not float(value).is_integer():
-                _invalid(name, value, f"a whole number from {low} to {high}")
-            if not low <= value <= high:
-                _invalid(name, value, f"from {low} to {high}")
+        _check_ranges(self)
         if self.boxes is not None:
             object.__setattr__(self, "boxes", tuple(_check_box(b) for b in self.boxes))
             if not self.boxes:
                 _invalid("boxes", "[]", "at least one box [x1, y1, x2, y2]")
 
-    def resolved(self) -> "EngineOptions":
+    def resolved(self) -> "MuseTalkOptions":
         """Returns a copy with the version-dependent defaults filled in."""
         margin, mode = _VERSION_DEFAULTS[self.version]
         return dataclasses.replace(
@@ -101,6 +100,64 @@ class EngineOptions:
             extra_margin=margin if self.extra_margin is None else int(self.extra_margin),
             parsing_mode=mode if self.parsing_mode is None else self.parsing_mode,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentSyncOptions:
+    """What one LatentSync job may choose (upstream's defaults; see ``../docs/latentsync.md`` of the project).
+
+    Attributes:
+        version: ``1.6`` (512x512 faces, default) or ``1.5`` (256x256).
+        steps: DDIM steps (20).
+        guidance: classifier-free guidance scale; 1.0 turns guidance off
+            (half the UNet work), higher follows the audio more closely and may
+            jitter (1.5).
+        seed: seeds the initial noise and the VAE samples; the same seed and
+            inputs give the same video (1247, upstream's).
+        deepcache: reuse the UNet's deep features on two of every three steps
+            (DeepCache, interval 3), about 2.5x faster for a small change (true).
+        fp16: compute in half precision (GPU only).
+        crf: video quality, as for MuseTalk.
+    """
+
+    version: str = "1.6"
+    steps: int = 20
+    guidance: float = 1.5
+    seed: int = 1247
+    deepcache: bool = True
+    fp16: bool = False
+    crf: int = 18
+
+    def __post_init__(self) -> None:
+        if self.version not in LATENTSYNC_VERSIONS:
+            _invalid("version", self.version, f"one of {', '.join(LATENTSYNC_VERSIONS)} for model 'latentsync'")
+        _check_ranges(self)
+
+    def resolved(self) -> "LatentSyncOptions":
+        """The options as they are (nothing depends on the version); for symmetry with MuseTalk's."""
+        return self
+
+
+JobOptions = Union[MuseTalkOptions, LatentSyncOptions]
+# A job's ``model`` -> the class of its options.
+ENGINE_OPTIONS: Dict[str, type] = {"musetalk": MuseTalkOptions, "latentsync": LatentSyncOptions}
+
+
+def _check_ranges(options: object) -> None:
+    """Applies ``LIMITS`` to the numeric fields ``options`` has."""
+    for field in dataclasses.fields(options):
+        if field.name not in LIMITS:
+            continue
+        low, high = LIMITS[field.name]
+        value = getattr(options, field.name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _invalid(field.name, value, f"a number from {low} to {high}")
+        if isinstance(low, int) and not float(value).is_integer():
+            _invalid(field.name, value, f"a whole number from {low} to {high}")
+        if not low <= value <= high:
+            _invalid(field.name, value, f"from {low} to {high}")
 
 
 def _check_box(box: Sequence[int]) -> Box:
@@ -182,6 +239,33 @@ class Acceleration:
             raise ValueError(f"compile {self.compile!r}: use one of {', '.join(COMPILE_MODES)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """What an engine is loaded with: the deployment's choices, the same for every job.
+
+    Attributes:
+        models_dir: the models folder (standard layout; for LatentSync also a
+            LatentSync model folder itself).
+        device: ``auto``, ``cuda``, ``mps`` or ``cpu``.
+        landmarks: face back-end, ``dwpose``, ``dlib`` or ``auto``.
+        versions: the model's versions to load now (others load at their first job).
+        fp16: also prepare half-precision models now (None: on CUDA only).
+        cache_dir: avatar cache folder (None: no cache); cache_max_bytes its bound.
+        acceleration: half dtype, torch.compile and memory format.
+        video_encoder: ``auto``, ``libx264`` or ``h264_nvenc``.
+    """
+
+    models_dir: Path
+    device: str = "auto"
+    landmarks: str = "auto"
+    versions: Tuple[str, ...] = ()
+    fp16: Optional[bool] = None
+    cache_dir: Optional[Path] = None
+    cache_max_bytes: int = 20 * 10**9
+    acceleration: Acceleration = Acceleration()
+    video_encoder: str = "auto"
+
+
 # --------------------------------------------------------------------------- #
 # Worker settings: what the deployment (not the job) decides, from environment
 # variables. Each field's variable and default is listed in ``WorkerSettings``.
@@ -241,6 +325,9 @@ class WorkerSettings:
         avatar_cache_bytes: ``MUSETALK_AVATAR_CACHE_GB``, 20 (GB): the cache's bound.
         acceleration: :class:`Acceleration` from ``MUSETALK_HALF_DTYPE`` (float16),
             ``MUSETALK_COMPILE`` (off) and ``MUSETALK_CHANNELS_LAST`` (false).
+        preload_models: ``MUSETALK_PRELOAD_MODELS``, ``musetalk``: the models
+            (comma-separated, of ``MODELS``) loaded and warmed up at start and
+            required by the fitness check; any other loads at its first job.
     """
 
     models_dir: Path = _PROJECT_ROOT / "models"
@@ -273,6 +360,15 @@ class WorkerSettings:
     avatar_cache_dir: Optional[Path] = None
     avatar_cache_bytes: int = 20 * 10**9
     acceleration: Acceleration = Acceleration()
+    preload_models: Tuple[str, ...] = ("musetalk",)
+
+    def engine_config(self) -> EngineConfig:
+        """What every engine is loaded with on this worker (each loads the versions it needs)."""
+        return EngineConfig(
+            models_dir=self.models_dir, device=self.device, landmarks=self.landmarks,
+            cache_dir=self.avatar_cache_dir, cache_max_bytes=self.avatar_cache_bytes,
+            acceleration=self.acceleration, video_encoder=self.video_encoder,
+        )
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "WorkerSettings":
@@ -319,6 +415,7 @@ class WorkerSettings:
                 compile=env.choice("MUSETALK_COMPILE", COMPILE_MODES, Acceleration.compile),
                 channels_last=env.flag("MUSETALK_CHANNELS_LAST"),
             ),
+            preload_models=env.choices("MUSETALK_PRELOAD_MODELS", MODELS, cls.preload_models),
         )
 
 
@@ -347,6 +444,16 @@ class _Env:
         if value not in allowed:
             raise ValueError(f"{name}={value!r}: use one of {', '.join(allowed)}")
         return value
+
+    def choices(self, name: str, allowed: Sequence[str], default: Tuple[str, ...]) -> Tuple[str, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        values = tuple(dict.fromkeys(v.strip().lower() for v in raw.split(",") if v.strip()))
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            raise ValueError(f"{name}={raw!r}: use a comma-separated list of {', '.join(allowed)}")
+        return values
 
     def number(self, name: str, default: float, high: Optional[float] = None) -> float:
         raw = self.text(name)

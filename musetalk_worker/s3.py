@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 from typing import Callable, Optional
 from urllib.parse import urlparse
@@ -239,6 +240,11 @@ def public_addresses(host: str, port: int, field: str, shown: str, settings: Wor
                     stage="download",
                 )
     return addresses
+
+
+def failure_reason(err: Exception) -> str:
+    """An S3 client error as one short line, for messages (botocore's carry newlines and whole XML bodies)."""
+    return re.sub(r"\s+", " ", str(err))[:300]
 
 
 def shown_url(url: str) -> str:

@@ -3,29 +3,36 @@
 ``parse_job`` turns RunPod's ``job["input"]`` into a ``JobInput`` or raises one
 ``invalid_input`` error listing every problem: each names the field and what is
 allowed, and an unknown key comes with the list of allowed keys. The engine
-options are the fields of :class:`~musetalk_worker.options.EngineOptions`, with
-its defaults and the ranges of ``LIMITS``. Types are strict: ``"8"`` is not a
+options are the fields of the job's model's options class
+(:class:`~musetalk_worker.options.MuseTalkOptions` or
+:class:`~musetalk_worker.options.LatentSyncOptions`), with its defaults and the
+ranges of ``LIMITS``; an option of the other model is refused by name. Types are strict: ``"8"`` is not a
 number and ``true`` is not ``1`` (RunPod's own validator lets bools pass as ints).
 Credential values never appear in a message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from .errors import ErrorCode, LipSyncError
 from .options import (
-    AVATAR_ID_PATTERN, LIMITS, PARSING_MODES, STREAM_FORMATS, STREAM_LIMITS, VERSIONS, EngineOptions, ParsingMode,
-    StreamOptions, Version,
+    AVATAR_ID_PATTERN, ENGINE_OPTIONS, LATENTSYNC_VERSIONS, LIMITS, MODELS, PARSING_MODES, STREAM_FORMATS,
+    STREAM_LIMITS, VERSIONS, JobOptions, LatentSyncOptions, MuseTalkOptions, ParsingMode, StreamOptions,
 )
 
-_DEFAULTS = EngineOptions()
+_DEFAULTS = MuseTalkOptions()
+_LATENTSYNC = LatentSyncOptions()
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer
 
 # Fields that are not engine options; everything else in JobInput is one.
-NON_ENGINE_FIELDS = ("source", "avatar_id", "audio", "output")
+NON_ENGINE_FIELDS = ("source", "avatar_id", "audio", "model", "output")
+# Each model's versions, and the options each model takes (the fields of its options class).
+MODEL_VERSIONS = {"musetalk": VERSIONS, "latentsync": LATENTSYNC_VERSIONS}
+_MODEL_FIELDS = {model: {f.name for f in dataclasses.fields(cls)} for model, cls in ENGINE_OPTIONS.items()}
 # Engine options that shape the prepared source: a job naming an avatar gets the avatar's.
 PREPARATION_FIELDS = ("bbox_shift", "extra_margin", "parsing_mode", "left_cheek_width", "right_cheek_width", "boxes")
 _STREAM_DEFAULTS = StreamOptions()
@@ -35,7 +42,7 @@ _STRICT = ConfigDict(extra="forbid", strict=True, hide_input_in_errors=True)
 
 
 def _ranged(name: str, limits: dict = LIMITS, defaults: Any = _DEFAULTS) -> Any:
-    """A field with the options' default (EngineOptions unless told) and its inclusive range."""
+    """A field with the options' default (MuseTalkOptions unless told) and its inclusive range."""
     low, high = limits[name]
     return Field(default=getattr(defaults, name), ge=low, le=high)
 
@@ -108,7 +115,9 @@ class JobInput(BaseModel):
     source: Optional[str] = Field(default=None, min_length=1)
     avatar_id: Optional[str] = Field(default=None, pattern=AVATAR_ID_PATTERN)
     audio: str = Field(min_length=1)
-    version: Version = _DEFAULTS.version
+    model: Literal[MODELS] = "musetalk"
+    # The model's own default when absent; checked against the model in _per_model.
+    version: Optional[str] = None
     bbox_shift: int = _ranged("bbox_shift")
     extra_margin: Optional[int] = _ranged("extra_margin")
     parsing_mode: Optional[ParsingMode] = _DEFAULTS.parsing_mode
@@ -121,7 +130,30 @@ class JobInput(BaseModel):
     boxes: Optional[list[Annotated[list[int], Field(min_length=4, max_length=4)]]] = Field(
         default=None, min_length=1
     )
+    steps: int = _ranged("steps", defaults=_LATENTSYNC)
+    guidance: float = _ranged("guidance", defaults=_LATENTSYNC)
+    seed: int = _ranged("seed", defaults=_LATENTSYNC)
+    deepcache: bool = _LATENTSYNC.deepcache
     output: Optional[OutputSpec] = None
+
+    @model_validator(mode="after")
+    def _per_model(self) -> "JobInput":
+        foreign = [name for name in engine_field_names() if name in self.model_fields_set
+                   and name not in _MODEL_FIELDS[self.model]]
+        if foreign:
+            names = ", ".join(f"'{name}'" for name in foreign)
+            owners = sorted({m for m, fields in _MODEL_FIELDS.items() for name in foreign if name in fields})
+            raise Refusal(f"{names} {'are not options' if len(foreign) > 1 else 'is not an option'} of model "
+                          f"'{self.model}' (only of {', '.join(repr(m) for m in owners) or 'no model'}). Leave "
+                          f"{'them' if len(foreign) > 1 else 'it'} out, or set 'model' to the model meant.")
+        versions = MODEL_VERSIONS[self.model]
+        if self.version is not None and self.version not in versions:
+            raise Refusal(f"'version' is {self.version!r}; model '{self.model}' has the versions "
+                          f"{', '.join(versions)} (default {versions[0]}).")
+        if self.model != "musetalk" and self.avatar_id is not None:
+            raise Refusal(f"'avatar_id' works with model 'musetalk' only; send the 'source' for model "
+                          f"'{self.model}'.")
+        return self
 
     @model_validator(mode="after")
     def _source_or_avatar(self) -> "JobInput":
@@ -137,9 +169,11 @@ class JobInput(BaseModel):
                           f"{'them' if len(shaping) > 1 else 'it'} out, or send the 'source' to prepare it anew.")
         return self
 
-    def engine_options(self) -> EngineOptions:
-        """The engine's options object (which checks the box geometry itself)."""
-        return EngineOptions(**{name: getattr(self, name) for name in engine_field_names()})
+    def engine_options(self) -> JobOptions:
+        """The options object of the job's model (which checks what the schema cannot, e.g. box geometry)."""
+        cls = ENGINE_OPTIONS[self.model]
+        values = {name: getattr(self, name) for name in _MODEL_FIELDS[self.model] if name != "version"}
+        return cls(**values) if self.version is None else cls(version=self.version, **values)
 
 
 def engine_field_names() -> tuple[str, ...]:
@@ -175,7 +209,10 @@ _ALLOWED = {
     "source": f"a face video or still image given as {_MEDIA_FORMS}",
     "avatar_id": "the avatar_id of an earlier job's result (40 hexadecimal digits)",
     "audio": f"speech audio (or a video with sound) given as {_MEDIA_FORMS}",
-    "version": f"one of {', '.join(VERSIONS)}",
+    "model": f"one of {', '.join(MODELS)}",
+    "version": "; ".join(f"for model {m}: {', '.join(v)}" for m, v in MODEL_VERSIONS.items()),
+    "guidance": "a number from {} to {} (1.0: no guidance)".format(*LIMITS["guidance"]),
+    "deepcache": "true or false",
     "parsing_mode": f"one of {', '.join(PARSING_MODES)}, or null for the version's default",
     "fps": "a number from {} to {}".format(*LIMITS["fps"]),
     "fp16": "true or false",

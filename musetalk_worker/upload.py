@@ -22,13 +22,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
-from boto3.exceptions import S3UploadFailedError
 
 from .errors import ErrorCode, LipSyncError
 from .options import WorkerSettings
-from .s3 import S3Access, s3_client, shown_url
+from .s3 import S3Access, failure_reason, s3_client, shown_url
 from .schema import OutputSpec
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def upload_video(
     except (ClientError, BotoCoreError, S3UploadFailedError) as err:
         raise LipSyncError(
             ErrorCode.UPLOAD_FAILED,
-            f"could not upload the result to {where}{_at(plan.access)}: {_reason(err)}. Check the bucket name, "
+            f"could not upload the result to {where}{_at(plan.access)}: {failure_reason(err)}. Check the bucket name, "
             "endpoint and credentials (BUCKET_* variables or output.bucket / output.credentials).",
             stage="upload",
         ) from None
@@ -167,10 +167,6 @@ def upload_video(
 
 def _at(access: S3Access) -> str:
     return f" at {shown_url(access.endpoint_url)}" if access.endpoint_url else ""
-
-
-def _reason(err: Exception) -> str:
-    return re.sub(r"\s+", " ", str(err))[:300]
 
 
 def _safe_name(job_id: str) -> str:

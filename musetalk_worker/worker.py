@@ -1,7 +1,8 @@
 """One serverless job from start to end, with one error shape.
 
-``Worker.start`` loads the engine once (with a warm-up) and keeps any failure
-for the fitness check. ``Worker.run`` then takes each job through the stages
+``Worker.start`` loads the engines it is told to preload once (with a warm-up)
+and keeps any failure for the fitness check; another model loads at its first
+job. ``Worker.run`` then takes each job through the stages
 ``validate`` -> ``download`` -> ``probe`` -> the engine's stages -> ``upload``
 inside its own scratch folder, which is removed whatever happens. Every
 failure comes back as ``{"error": str, "error_code": str, "stage": str}`` (a
@@ -21,18 +22,19 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from .decode import MediaInfo, probe_inputs
 from .encode import HlsOutput
+from .engine import Engine, load_engine
 from .errors import ErrorCode, LipSyncError
 from .fetch import fetch_input, parse_input
 from .hls import SegmentPublisher
-from .options import EngineOptions, StreamOptions, WorkerSettings
+from .options import LATENTSYNC_VERSIONS, StreamOptions, WorkerSettings
 from .s3 import S3Access, s3_client
 from .schema import parse_job
 from .upload import DeliveryPlan, deliver, plan_delivery
-from .weights import verify_models
+from .weights import load_lock, present_components, verify_models
 
 logger = logging.getLogger(__name__)
 
@@ -43,55 +45,67 @@ _WORKER_STAGES = ("validate", "download", "probe", "upload")
 _STEPPED_STAGES = ("generate",)
 
 
-class Engine(Protocol):
-    """What the worker needs of ``LipSyncPipeline``."""
-
-    def __call__(self, source: Optional[MediaInfo], audio: MediaInfo, output: Path, options: EngineOptions, *,
-                 avatar_id: Optional[str] = None,
-                 progress: Optional[Callable[[str, int, int], None]] = None,
-                 workdir: Optional[Path] = None, hls: Optional[HlsOutput] = None) -> Any: ...
-
-
 @dataclasses.dataclass
 class Worker:
-    """The loaded engine plus the settings every job runs under."""
+    """The loaded engines (by model name) plus the settings every job runs under."""
 
     settings: WorkerSettings
-    engine: Optional[Engine] = None
-    load_error: Optional[str] = None
+    engines: Dict[str, Engine] = dataclasses.field(default_factory=dict)
+    load_errors: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def start(cls, settings: WorkerSettings) -> "Worker":
-        """Loads the models once and warms them up; a failure is kept, not raised.
+        """Loads the preloaded models once and warms them up; a failure is kept, not raised.
 
         A worker that could not load still starts, so the fitness check (on
         RunPod) and every job (locally) can say why.
         """
-        started = time.perf_counter()
+        worker = cls(settings)
         missing = _weights_problem(settings)
         if missing:
             logger.error("the models folder does not match the weights lock: %s", missing)
-            return cls(settings, load_error=missing)
-        try:
-            from .pipeline import LipSyncPipeline
+            worker.load_errors = {model: missing for model in settings.preload_models}
+            return worker
+        for model in settings.preload_models:
+            try:
+                worker.engine(model)
+            except LipSyncError:
+                pass  # kept in load_errors for the fitness check and the jobs
+        return worker
 
-            engine = LipSyncPipeline.from_models(settings.models_dir, device=settings.device,
-                                                 landmarks=settings.landmarks, cache_dir=settings.avatar_cache_dir,
-                                                 cache_max_bytes=settings.avatar_cache_bytes,
-                                                 acceleration=settings.acceleration,
-                                                 video_encoder=settings.video_encoder)
+    @property
+    def load_error(self) -> Optional[str]:
+        """Why a preloaded model did not load (all such reasons), or None."""
+        return " ".join(self.load_errors.values()) or None
+
+    def engine(self, model: str) -> Engine:
+        """The loaded engine of ``model``, loading (and warming up) it on first use.
+
+        Raises:
+            LipSyncError(models_missing): it did not load (now or before); the message says why.
+        """
+        if model in self.engines:
+            return self.engines[model]
+        if model in self.load_errors:
+            raise LipSyncError(ErrorCode.MODELS_MISSING, self.load_errors[model], stage="load")
+        started = time.perf_counter()
+        try:
+            engine = load_engine(model, self.settings.engine_config())
             loaded = time.perf_counter()
             engine.warm_up()
         except LipSyncError as err:
-            logger.error("the engine did not load: %s", err.message)
-            return cls(settings, load_error=err.message)
+            logger.error("the %s engine did not load: %s", model, err.message)
+            self.load_errors[model] = err.message
+            raise LipSyncError(ErrorCode.MODELS_MISSING, err.message, stage="load") from None
         except Exception as err:  # noqa: BLE001 - any load failure must reach the fitness check
-            logger.exception("the engine did not load")
-            return cls(settings, load_error=f"loading the models from {settings.models_dir} failed: "
-                                            f"{type(err).__name__}: {err}")
-        logger.info("engine ready: models loaded in %.1f s, warm-up %.1f s",
-                    loaded - started, time.perf_counter() - loaded)
-        return cls(settings, engine=engine)
+            logger.exception("the %s engine did not load", model)
+            self.load_errors[model] = (f"loading the {model} models from {self.settings.models_dir} failed: "
+                                       f"{type(err).__name__}: {err}")
+            raise LipSyncError(ErrorCode.MODELS_MISSING, self.load_errors[model], stage="load") from None
+        logger.info("%s engine ready: models loaded in %.1f s, warm-up %.1f s",
+                    model, loaded - started, time.perf_counter() - loaded)
+        self.engines[model] = engine
+        return engine
 
     def fitness_problems(self) -> list[str]:
         """Why this worker must not take jobs: missing weights, or no GPU where one is expected."""
@@ -142,9 +156,7 @@ class Worker:
             names = ("audio",) if job.avatar_id else ("source", "audio")
             refs = {name: parse_input(name, getattr(job, name), self.settings) for name in names}
             plan = plan_delivery(job.output, self.settings, job_id)
-            if self.engine is None:
-                raise LipSyncError(ErrorCode.MODELS_MISSING, self.load_error or "the engine is not loaded",
-                                   stage="load")
+            engine = self.engine(job.model)
 
             self.settings.temp_dir.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix="job-", dir=self.settings.temp_dir))
@@ -165,7 +177,7 @@ class Worker:
             workdir.mkdir()
             stream = job.output.stream_options() if job.output else None
             with self._stream(stream, plan, scratch, progress) as publisher:
-                result = self.engine(source_info, audio_info, scratch / "result.mp4", options,
+                result = engine(source_info, audio_info, scratch / "result.mp4", options,
                                      avatar_id=job.avatar_id, progress=progress.engine, workdir=workdir,
                                      hls=publisher.hls if publisher else None)
 
@@ -184,7 +196,8 @@ class Worker:
                 "height": result.height,
                 "frames_without_face": result.frames_without_face,
                 "avatar_cache_hit": result.cache_hit,
-                "version": options.version,
+                "model": result.model,
+                "version": result.version,
                 "timings": {**progress.timings, **{k: round(v, 3) for k, v in result.timings.items()},
                             "total": progress.total()},
             }
@@ -254,12 +267,22 @@ class Worker:
 
 
 def _weights_problem(settings: WorkerSettings) -> Optional[str]:
-    """What is missing or wrong in the models folder against the lock, or None (also when not checked)."""
+    """What is missing or wrong in the models folder against the lock, or None (also when not checked).
+
+    MuseTalk's files must all be there when it is preloaded; each LatentSync
+    version is optional, and checked in full when any of its files is there.
+    """
     if settings.weights_lock is None:
         return None
-    components = ["v15", "vae", "whisper", "face_parsing"]
-    if settings.landmarks == "dwpose":
-        components += ["dwpose", "s3fd"]
+    components = []
+    if "musetalk" in settings.preload_models:
+        components += ["v15", "vae", "whisper", "face_parsing"]
+        if settings.landmarks == "dwpose":
+            components += ["dwpose", "s3fd"]
+    # A lock without LatentSync (a custom one) offers no LatentSync version to check.
+    optional = [name for name in (f"latentsync-{v}" for v in LATENTSYNC_VERSIONS)
+                if name in load_lock(settings.weights_lock).components]
+    components += present_components(settings.models_dir, settings.weights_lock, optional)
     report = verify_models(settings.models_dir, settings.weights_lock, components, settings.verify_weight_hashes)
     return None if report.ok else report.describe()
 

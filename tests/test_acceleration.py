@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch._dynamo.utils
 
-from musetalk_worker import EngineOptions
-from musetalk_worker.generate import FaceGenerator
-from musetalk_worker.models import load_unet, load_vae
+from musetalk_worker import MuseTalkOptions
+from musetalk_worker.engines.musetalk.generate import FaceGenerator
+from musetalk_worker.engines.musetalk.models import load_unet, load_vae
 from musetalk_worker.options import Acceleration, WorkerSettings
-from musetalk_worker.pipeline import LipSyncPipeline
+from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
 
 
 def test_settings_are_read_and_checked():
@@ -60,11 +60,11 @@ def test_a_compiled_engine_compiles_at_warm_up_and_matches_the_eager_one(fixture
     audio = tmp_path / "speech.wav"
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(media_dir / "eng.wav"), "-t", "0.5", str(audio)], check=True)
     # 12 output frames in batches of 5: the last batch (2 frames) is padded to the compiled shape.
-    options = EngineOptions(boxes=[(217, 283, 465, 523)], batch_size=5)
-    eager = LipSyncPipeline.from_models(fixture_models, device="cpu", landmarks="dlib")
+    options = MuseTalkOptions(boxes=[(217, 283, 465, 523)], batch_size=5)
+    eager = MuseTalkPipeline.from_models(fixture_models, device="cpu", landmarks="dlib")
     eager(media_dir / "yongen.jpeg", audio, tmp_path / "eager.mp4", options)
 
-    compiled = LipSyncPipeline.from_models(fixture_models, device="cpu", landmarks="dlib",
+    compiled = MuseTalkPipeline.from_models(fixture_models, device="cpu", landmarks="dlib",
                                            acceleration=Acceleration(compile="default"))
     compiled.warm_up(options)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from musetalk_worker import EngineOptions
+from musetalk_worker import MuseTalkOptions
 from musetalk_worker.avatar_cache import AvatarCache
-from musetalk_worker.masks import BlendMask
-from musetalk_worker.pipeline import LipSyncPipeline
-from musetalk_worker.store import DATA_FILE, CorruptStoreError, SourceStore
+from musetalk_worker.engines.musetalk.masks import BlendMask
+from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
+from musetalk_worker.engines.musetalk.store import DATA_FILE, CorruptStoreError, SourceStore
 
 
 def _store_with_frames(folder, count: int, seed: int = 0) -> SourceStore:
@@ -79,7 +79,7 @@ def test_the_cache_evicts_least_recently_used_entries(tmp_path):
         if n == 1:
             # Use entry 0 again, so entry 1 is now the least recently used.
             time.sleep(0.01)
-            assert cache.open(keys[0]) is not None
+            assert cache.open(keys[0], SourceStore.open) is not None
             time.sleep(0.01)
         cache.commit(folder, keys[-1])
     present = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())
@@ -96,7 +96,7 @@ def test_a_corrupted_entry_is_a_miss_and_removed(tmp_path):
     with open(tmp_path / _key(7) / DATA_FILE, "r+b") as f:
         f.seek(10)
         f.write(b"\x00\x01\x02")
-    assert cache.open(_key(7)) is None
+    assert cache.open(_key(7), SourceStore.open) is None
     assert not (tmp_path / _key(7)).exists()
 
 
@@ -111,23 +111,23 @@ def test_the_pipeline_reuses_a_cached_avatar(fixture_models, media_dir, tmp_path
                     str(source)], check=True)
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(media_dir / "eng.wav"), "-t", "0.4", str(audio)], check=True)
     cache_dir = tmp_path / "cache"
-    pipe = LipSyncPipeline.from_models(fixture_models, device="cpu", landmarks="dlib", cache_dir=cache_dir)
+    pipe = MuseTalkPipeline.from_models(fixture_models, device="cpu", landmarks="dlib", cache_dir=cache_dir)
 
-    first = pipe(source, audio, tmp_path / "1.mp4", EngineOptions())
+    first = pipe(source, audio, tmp_path / "1.mp4", MuseTalkOptions())
     assert first.cache_hit is False and {"faces", "latents", "masks"} <= set(first.timings)
     (entry,) = [p for p in cache_dir.iterdir() if p.is_dir()]
-    second = pipe(source, audio, tmp_path / "2.mp4", EngineOptions())
+    second = pipe(source, audio, tmp_path / "2.mp4", MuseTalkOptions())
     assert second.cache_hit is True
     assert not {"faces", "latents", "masks"} & set(second.timings), "a hit skips the preparation stages"
     assert _frames(tmp_path / "1.mp4") == _frames(tmp_path / "2.mp4")
 
-    other = pipe(source, audio, tmp_path / "3.mp4", EngineOptions(parsing_mode="raw"))
+    other = pipe(source, audio, tmp_path / "3.mp4", MuseTalkOptions(parsing_mode="raw"))
     assert other.cache_hit is False, "options that change the masks make a new entry"
 
     with open(entry / DATA_FILE, "r+b") as f:
         f.seek(os.path.getsize(entry / DATA_FILE) // 2)
         f.write(b"\xff" * 16)
-    again = pipe(source, audio, tmp_path / "4.mp4", EngineOptions())
+    again = pipe(source, audio, tmp_path / "4.mp4", MuseTalkOptions())
     assert again.cache_hit is False, "a corrupted entry is prepared again"
     assert _frames(tmp_path / "4.mp4") == _frames(tmp_path / "1.mp4")
     assert not [p for p in cache_dir.iterdir() if p.name.startswith(".incoming")]

@@ -119,20 +119,20 @@ def test_bad_avatar_jobs_name_the_fields(worker, urls, media, job, fragments):
 
 
 def test_avatar_id_needs_a_cache(worker, media):
-    uncached = Worker(dataclasses.replace(worker.settings, avatar_cache_dir=None), engine=_engine_without_cache(worker))
+    uncached = Worker(dataclasses.replace(worker.settings, avatar_cache_dir=None), engines={"musetalk": _engine_without_cache(worker)})
     result = uncached.run({"avatar_id": "0" * 40, "audio": _inline(media["speech"])}, "no-cache")
     _refused(result, "'avatar_id' needs an avatar cache", "MUSETALK_AVATAR_CACHE_DIR")
 
 
 def _engine_without_cache(worker: Worker):
     """The same loaded models, without the avatar cache (no second load)."""
-    uncached = copy.copy(worker.engine)
+    uncached = copy.copy(worker.engines["musetalk"])
     uncached.cache = None
     return uncached
 
 
 def test_a_job_without_a_cache_returns_no_avatar_id(worker, urls, media):
-    uncached = Worker(dataclasses.replace(worker.settings, avatar_cache_dir=None), engine=_engine_without_cache(worker))
+    uncached = Worker(dataclasses.replace(worker.settings, avatar_cache_dir=None), engines={"musetalk": _engine_without_cache(worker)})
     result = _ok(uncached.run({"source": urls["face"], "audio": _inline(media["speech"])}, "no-id"))
     assert "avatar_id" not in result and result["avatar_cache_hit"] is None
     assert np.isfinite(result["timings"]["total"])

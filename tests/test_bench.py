@@ -16,7 +16,7 @@ from bench.memory import allocator_env, production_allocator
 from bench.random_models import RESNET18_FILE, UNET_CONFIG, build_models, random_state
 from bench.speed import FP16_REFUSED, STAGES
 from conftest import ROOT, ffprobe
-from musetalk_worker import models
+from musetalk_worker.engines.musetalk import models
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from musetalk_worker.blend import FaceBlender, visible_part
-from musetalk_worker.masks import BlendMask
-from musetalk_worker.store import SourceStore
+from musetalk_worker.engines.musetalk.blend import FaceBlender, visible_part
+from musetalk_worker.engines.musetalk.masks import BlendMask
+from musetalk_worker.engines.musetalk.store import SourceStore
 
 WIDTH, HEIGHT = 160, 120
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from conftest import ffprobe
-from musetalk_worker import EngineOptions, ErrorCode, LipSyncError
-from musetalk_worker import boxes as box_math
+from musetalk_worker import MuseTalkOptions, ErrorCode, LipSyncError
+from musetalk_worker.engines.musetalk import boxes as box_math
 from musetalk_worker.decode import load_audio, probe
-from musetalk_worker.pipeline import LipSyncPipeline
+from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
 
 
 def _ffmpeg(*args: str) -> None:
@@ -51,9 +51,9 @@ def _streams(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pipeline(fixture_models) -> LipSyncPipeline:
+def pipeline(fixture_models) -> MuseTalkPipeline:
     torch.manual_seed(0)
-    return LipSyncPipeline.from_models(fixture_models, device="cpu", landmarks="dlib")
+    return MuseTalkPipeline.from_models(fixture_models, device="cpu", landmarks="dlib")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def clips(tmp_path_factory, media_dir) -> dict:
 
 def test_real_video_two_seconds(pipeline, clips, tmp_path):
     out = tmp_path / "out.mp4"
-    result = pipeline(clips["video2s"], clips["speech2s"], out, EngineOptions())
+    result = pipeline(clips["video2s"], clips["speech2s"], out, MuseTalkOptions())
     audio_seconds = len(load_audio(probe(clips["speech2s"]))) / 16000
     streams = _streams(out)
     expected_frames = int(np.floor(audio_seconds * 25))
@@ -99,7 +99,7 @@ def test_real_video_two_seconds(pipeline, clips, tmp_path):
 
 def test_still_image_source_at_chosen_fps(pipeline, clips, media_dir, tmp_path):
     out = tmp_path / "still.mp4"
-    result = pipeline(media_dir / "yongen.jpeg", clips["speech05s"], out, EngineOptions(fps=30))
+    result = pipeline(media_dir / "yongen.jpeg", clips["speech05s"], out, MuseTalkOptions(fps=30))
     streams = _streams(out)
     assert streams["video"]["r_frame_rate"] == "30/1"
     assert int(streams["video"]["nb_read_frames"]) == 15 == result.frames
@@ -111,7 +111,7 @@ def test_ntsc_frame_rate_is_kept_exactly(pipeline, clips, tmp_path):
     _ffmpeg("-i", str(clips["video1s"]), "-vf", "fps=30000/1001", "-t", "0.3", "-c:v", "libx264", str(source))
     assert probe(source).fps == Fraction(30000, 1001)
     out = tmp_path / "ntsc_out.mp4"
-    result = pipeline(source, clips["speech05s"], out, EngineOptions())
+    result = pipeline(source, clips["speech05s"], out, MuseTalkOptions())
     streams = _streams(out)
     assert streams["video"]["r_frame_rate"] == "30000/1001"
     assert int(streams["video"]["nb_read_frames"]) == 14 == result.frames  # floor(0.5 s x 29.97)
@@ -124,7 +124,7 @@ def test_stereo_48k_audio_becomes_16k_mono_like_librosa(pipeline, clips, media_d
     assert samples.shape == reference.shape
     np.testing.assert_allclose(samples, reference, atol=1e-5)
     out = tmp_path / "stereo.mp4"
-    result = pipeline(media_dir / "yongen.jpeg", clips["stereo48k05s"], out, EngineOptions())
+    result = pipeline(media_dir / "yongen.jpeg", clips["stereo48k05s"], out, MuseTalkOptions())
     streams = _streams(out)
     assert int(streams["video"]["nb_read_frames"]) == 12 == result.frames
     assert abs(float(streams["audio"]["duration"]) - 0.5) < 0.05
@@ -135,7 +135,7 @@ def test_frames_without_a_face_pass_through(pipeline, clips, tmp_path):
     _ffmpeg("-i", str(clips["video1s"]), "-vf", "drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='between(n,4,7)'",
             "-t", "0.48", "-c:v", "libx264", "-crf", "16", str(source))
     out = tmp_path / "gap_out.mp4"
-    result = pipeline(source, clips["speech05s"], out, EngineOptions())
+    result = pipeline(source, clips["speech05s"], out, MuseTalkOptions())
     assert result.frames == 12 and result.source_frames == 12 and result.frames_without_face == 4
     output = _frames(out)
     assert len(output) == 12
@@ -150,7 +150,7 @@ def test_generation_starts_before_the_source_is_prepared(pipeline, clips, tmp_pa
     # (the reading thread's short queue), so the first generated batch comes long before the last
     # prepared frame, instead of after the whole prepare pass.
     events: list[tuple[str, int, int]] = []
-    result = pipeline(clips["video1s"], clips["speech05s"], tmp_path / "overlap.mp4", EngineOptions(batch_size=1),
+    result = pipeline(clips["video1s"], clips["speech05s"], tmp_path / "overlap.mp4", MuseTalkOptions(batch_size=1),
                       progress=lambda stage, done, total: events.append((stage, done, total)))
     assert result.frames == 12 and result.source_frames == 12
     first_generated = next(i for i, (stage, done, _) in enumerate(events) if stage == "generate" and done > 0)
@@ -161,7 +161,7 @@ def test_generation_starts_before_the_source_is_prepared(pipeline, clips, tmp_pa
 
 
 def test_precomputed_boxes_skip_detection_and_the_run_is_deterministic(pipeline, clips, media_dir, tmp_path):
-    options = EngineOptions(boxes=[(217, 283, 465, 523)])
+    options = MuseTalkOptions(boxes=[(217, 283, 465, 523)])
     outputs = []
     for name in ("a.mp4", "b.mp4"):
         pipeline(media_dir / "yongen.jpeg", clips["speech05s"], tmp_path / name, options)
@@ -175,7 +175,7 @@ def test_a_source_without_any_face_is_an_error(pipeline, clips, tmp_path):
     source = tmp_path / "noface.mp4"
     _ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=320x240:r=25:d=0.4", "-c:v", "libx264", str(source))
     with pytest.raises(LipSyncError) as caught:
-        pipeline(source, clips["speech05s"], tmp_path / "never.mp4", EngineOptions())
+        pipeline(source, clips["speech05s"], tmp_path / "never.mp4", MuseTalkOptions())
     assert caught.value.code == ErrorCode.NO_FACE
     assert "no face" in str(caught.value)
     assert not (tmp_path / "never.mp4").exists()
@@ -184,7 +184,7 @@ def test_a_source_without_any_face_is_an_error(pipeline, clips, tmp_path):
 def test_an_encoder_failure_reaches_the_caller(pipeline, clips, media_dir, tmp_path):
     # ffmpeg cannot write to a folder: the blend/encode thread fails and the job must say so, not hang.
     with pytest.raises(LipSyncError) as caught:
-        pipeline(media_dir / "yongen.jpeg", clips["speech05s"], tmp_path, EngineOptions(batch_size=2))
+        pipeline(media_dir / "yongen.jpeg", clips["speech05s"], tmp_path, MuseTalkOptions(batch_size=2))
     assert caught.value.code == ErrorCode.INTERNAL and "ffmpeg failed to encode" in str(caught.value)
     assert tmp_path.is_dir()
 
@@ -198,7 +198,7 @@ def test_bad_media_is_a_clear_error(pipeline, clips, tmp_path, which):
         source.write_text("these bytes are not a video\n" * 50)
         audio = clips["speech05s"]
     with pytest.raises(LipSyncError) as caught:
-        pipeline(source, audio, tmp_path / "never.mp4", EngineOptions())
+        pipeline(source, audio, tmp_path / "never.mp4", MuseTalkOptions())
     assert (caught.value.code, caught.value.stage) == (ErrorCode.UNSUPPORTED_MEDIA, "probe")
     if which == "audio_as_source":
         assert "'source' is an audio file with no picture" in str(caught.value)
@@ -210,7 +210,7 @@ def test_probed_inputs_are_checked_but_not_probed_again(pipeline, clips, tmp_pat
     # The worker probes once and hands the MediaInfo pair on; the engine must still refuse a bad pair.
     speech = probe(clips["speech05s"])  # this module's own probe, not the spy
     with pytest.raises(LipSyncError) as caught:
-        pipeline(speech, speech, tmp_path / "never.mp4", EngineOptions())
+        pipeline(speech, speech, tmp_path / "never.mp4", MuseTalkOptions())
     assert caught.value.code == ErrorCode.UNSUPPORTED_MEDIA and "'source' is an audio file" in str(caught.value)
     assert probe_calls == []
 
@@ -235,15 +235,15 @@ def test_version_1_loads_its_own_unet_and_defaults(fixture_models, clips, media_
     (models / "musetalk").mkdir()
     (models / "musetalk" / "musetalk.json").symlink_to(fixture_models / "musetalkV15" / "musetalk.json")
     (models / "musetalk" / "pytorch_model.bin").symlink_to(fixture_models / "musetalkV15" / "unet.pth")
-    resolved = EngineOptions(version="v1").resolved()
+    resolved = MuseTalkOptions(version="v1").resolved()
     assert (resolved.extra_margin, resolved.parsing_mode) == (0, "raw")
 
-    pipe = LipSyncPipeline.from_models(models, device="cpu", landmarks="dlib", versions=("v1",))
+    pipe = MuseTalkPipeline.from_models(models, device="cpu", landmarks="dlib", versions=("v1",))
     out = tmp_path / "v1.mp4"
-    result = pipe(media_dir / "yongen.jpeg", clips["speech05s"], out, EngineOptions(version="v1", bbox_shift=-5))
+    result = pipe(media_dir / "yongen.jpeg", clips["speech05s"], out, MuseTalkOptions(version="v1", bbox_shift=-5))
     assert result.frames == 12 and int(_streams(out)["video"]["nb_read_frames"]) == 12
     with pytest.raises(LipSyncError) as caught:
-        LipSyncPipeline.from_models(fixture_models, device="cpu", landmarks="dlib", versions=("v1",))
+        MuseTalkPipeline.from_models(fixture_models, device="cpu", landmarks="dlib", versions=("v1",))
     assert caught.value.code == ErrorCode.MODELS_MISSING and "musetalk/" in str(caught.value)
 
 
@@ -253,8 +253,8 @@ def test_a_cuda_float16_job_matches_the_cpu_job(pipeline, fixture_models, clips,
     against the CPU float32 job, with the GPU bound of the parity README (>= 35 dB)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine: the GPU path cannot run here")
-    gpu = LipSyncPipeline.from_models(fixture_models, device="cuda", landmarks="dlib")
-    options = EngineOptions(batch_size=4)
+    gpu = MuseTalkPipeline.from_models(fixture_models, device="cuda", landmarks="dlib")
+    options = MuseTalkOptions(batch_size=4)
     cpu_result = pipeline(clips["video1s"], clips["speech05s"], tmp_path / "cpu.mp4", options)
     half = dataclasses.replace(options, fp16=True)
     gpu_result = gpu(clips["video1s"], clips["speech05s"], tmp_path / "gpu.mp4", half)

@@ -152,7 +152,7 @@ BAD_JOBS = {
     "wrong type": (lambda s, g: dict(g, batch_size="8"), "invalid_input",
                    "'batch_size' is '8'; it must be a whole number from 1 to 256", "validate"),
     "unknown key": (lambda s, g: dict(g, speed=2), "invalid_input",
-                    "unknown key 'speed'; allowed keys: source, avatar_id, audio, version", "validate"),
+                    "unknown key 'speed'; allowed keys: source, avatar_id, audio, model, version", "validate"),
     "input not an object": (lambda s, g: "make it talk", "invalid_input", "must be a JSON object", "validate"),
     "oversize inline data": (lambda s, g: dict(g, audio="data:audio/wav;base64," + "A" * 4_300_000),
                              "invalid_input", "inline data is limited to 3.1 MB", "validate"),
@@ -181,7 +181,7 @@ def test_a_job_probes_each_input_once(worker, good, tmp_path, probe_calls):
 
 
 def test_private_address_refused_without_the_setting(worker, good, tmp_path):
-    strict = Worker(dataclasses.replace(worker.settings, allow_private_urls=False), engine=worker.engine)
+    strict = Worker(dataclasses.replace(worker.settings, allow_private_urls=False), engines=worker.engines)
     result = strict.run(good, "private")
     _assert_failed(result, "invalid_input", "resolves to 127.0.0.1, a private, loopback", "download")
     _assert_no_leftovers(strict)
@@ -192,7 +192,7 @@ def test_unexpected_failure_is_internal_and_survived(worker, good, tmp_path):
     # A real fault of the machine, not of the input: the scratch root is a file.
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
-    broken = Worker(dataclasses.replace(worker.settings, temp_dir=blocked), engine=worker.engine)
+    broken = Worker(dataclasses.replace(worker.settings, temp_dir=blocked), engines=worker.engines)
     result = broken.run(good, "internal")
     _assert_failed(result, "internal", "unexpected error in stage 'validate': FileExistsError", "validate")
     assert "retry the job" in result["error"] and "refresh_worker" not in result
@@ -210,7 +210,7 @@ class _OutOfMemoryEngine:
 
 
 def test_out_of_memory_asks_for_a_fresh_worker(worker, good, tmp_path):
-    oom = Worker(worker.settings, engine=_OutOfMemoryEngine())
+    oom = Worker(worker.settings, engines={"musetalk": _OutOfMemoryEngine()})
     result = oom.run(good, "oom")
     _assert_failed(result, "out_of_memory", "ran out of memory in stage 'generate'; it will restart", "generate")
     assert result["refresh_worker"] is True
@@ -224,7 +224,7 @@ def test_out_of_memory_asks_for_a_fresh_worker(worker, good, tmp_path):
 
 def test_missing_weights_fail_the_fitness_check_and_every_job(settings, good, tmp_path):
     broken = Worker.start(dataclasses.replace(settings, models_dir=tmp_path / "empty"))
-    assert broken.engine is None and "is missing from" in broken.load_error
+    assert not broken.engines and "is missing from" in broken.load_error
     with pytest.raises(RuntimeError, match="not fit to run: .*is missing from"):
         broken.check_fitness()
     _assert_failed(broken.run(good, "no-models"), "models_missing", "is missing from", "load")
@@ -251,11 +251,11 @@ def _fixture_lock(models_dir: Path, path: Path) -> Path:
 def test_the_models_folder_is_checked_against_the_lock_at_start(settings, good, tmp_path):
     # The project's lock describes the real weights; the fixture's files have other sizes.
     refused = Worker.start(dataclasses.replace(settings, weights_lock=ROOT / "weights.lock.json"))
-    assert refused.engine is None and "musetalkV15/unet.pth" in refused.load_error
+    assert not refused.engines and "musetalkV15/unet.pth" in refused.load_error
     _assert_failed(refused.run(good, "wrong-weights"), "models_missing", "musetalkV15/unet.pth", "load")
     lock = _fixture_lock(settings.models_dir, tmp_path / "fixture.lock.json")
     accepted = Worker.start(dataclasses.replace(settings, weights_lock=lock, verify_weight_hashes=True))
-    assert accepted.load_error is None and accepted.engine is not None
+    assert accepted.load_error is None and "musetalk" in accepted.engines
 
 
 def test_expected_gpu_absent_fails_the_fitness_check(worker):
@@ -264,7 +264,7 @@ def test_expected_gpu_absent_fails_the_fitness_check(worker):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    expecting = Worker(dataclasses.replace(worker.settings, device="auto"), engine=worker.engine)
+    expecting = Worker(dataclasses.replace(worker.settings, device="auto"), engines=worker.engines)
     with pytest.raises(RuntimeError, match=r"a GPU was expected \(MUSETALK_DEVICE=auto\) but CUDA sees none"):
         expecting.check_fitness()
 
@@ -291,7 +291,7 @@ def test_s3_in_and_out_with_the_bucket_variables(worker, moto_s3, clips, tmp_pat
     })
     s3_worker = Worker(dataclasses.replace(worker.settings, **{
         f.name: getattr(env, f.name) for f in dataclasses.fields(env) if f.name.startswith("bucket_")}),
-        engine=worker.engine)
+        engines=worker.engines)
     reports: list[dict] = []
     result = s3_worker.run({"source": "s3://inputs/clips/face.mp4", "audio": "s3://inputs/clips/speech.wav",
                             "batch_size": 1}, "s3-job", reports.append)

@@ -25,15 +25,15 @@ import pytest
 import torch
 
 from conftest import PARITY_ROOT
-from musetalk_worker import boxes as box_math
-from musetalk_worker.audio import AudioPrompts
-from musetalk_worker.blend import FaceBlender, visible_part
+from musetalk_worker.engines.musetalk import boxes as box_math
+from musetalk_worker.engines.musetalk.audio import AudioPrompts
+from musetalk_worker.engines.musetalk.blend import FaceBlender, visible_part
 from musetalk_worker.decode import load_audio, probe
-from musetalk_worker.generate import FaceGenerator
-from musetalk_worker.latents import LatentEncoder, crop_face
-from musetalk_worker.masks import MaskMaker
-from musetalk_worker.models import load_audio_encoder, load_face_parser, load_unet, load_vae
-from musetalk_worker.options import EngineOptions
+from musetalk_worker.engines.musetalk.generate import FaceGenerator
+from musetalk_worker.engines.musetalk.latents import LatentEncoder, crop_face
+from musetalk_worker.engines.musetalk.masks import MaskMaker
+from musetalk_worker.engines.musetalk.models import load_audio_encoder, load_face_parser, load_unet, load_vae
+from musetalk_worker.options import MuseTalkOptions
 
 
 def _fixture_dirs() -> list[Path]:
@@ -62,7 +62,7 @@ class Fixture:
         self.unet = load_unet(models, self.version, device, torch.float32)
         self.audio_encoder = load_audio_encoder(models, device)
         self.parser = load_face_parser(models, device)
-        self.options = EngineOptions(
+        self.options = MuseTalkOptions(
             version=self.version,
             extra_margin=self.settings["extra_margin"],
             parsing_mode=self.settings["parsing_mode"],

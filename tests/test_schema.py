@@ -1,4 +1,4 @@
-"""The job schema: same fields and defaults as EngineOptions, strict types, clear messages."""
+"""The job schema: same fields and defaults as MuseTalkOptions, strict types, clear messages."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from musetalk_worker.errors import ErrorCode, LipSyncError
-from musetalk_worker.options import LIMITS, STREAM_LIMITS, VIDEO_CODECS, EngineOptions, StreamOptions, WorkerSettings
+from musetalk_worker.options import (
+    ENGINE_OPTIONS, LIMITS, STREAM_LIMITS, VIDEO_CODECS, MuseTalkOptions, StreamOptions, WorkerSettings,
+)
 from musetalk_worker.schema import JobInput, StreamSpec, engine_field_names, parse_job
 
 GOOD = {"source": "https://example.com/face.mp4", "audio": "https://example.com/speech.wav"}
@@ -26,13 +28,14 @@ def _error(raw) -> str:
 
 
 def test_engine_fields_match_engine_options():
-    # Nothing is deliberately left out: every engine option (boxes included) is a job field.
-    assert set(engine_field_names()) == {f.name for f in dataclasses.fields(EngineOptions)}
+    # Nothing is deliberately left out: every option of every model (boxes included) is a job field.
+    fields = {f.name for cls in ENGINE_OPTIONS.values() for f in dataclasses.fields(cls)}
+    assert set(engine_field_names()) == fields
 
 
 def test_defaults_are_the_engine_defaults():
     job = parse_job(dict(GOOD))
-    assert job.engine_options() == EngineOptions()
+    assert job.engine_options() == MuseTalkOptions()
     assert job.output is None
 
 
@@ -56,7 +59,7 @@ def test_full_job_is_accepted():
 def test_unknown_key_lists_allowed_keys():
     message = _error(dict(GOOD, face="x.mp4"))
     assert "unknown key 'face'" in message
-    assert "allowed keys: source, avatar_id, audio, version, bbox_shift" in message and "output" in message
+    assert "allowed keys: source, avatar_id, audio, model, version, bbox_shift" in message and "output" in message
 
 
 def test_unknown_nested_key_names_its_parent():
@@ -74,7 +77,7 @@ def test_unknown_nested_key_names_its_parent():
         ("bbox_shift", 2.5, "'bbox_shift' is 2.5; it must be a whole number from -100 to 100"),
         ("fps", 0.5, "'fps' is 0.5; it must be a number from 1.0 to 120.0"),
         ("fp16", "yes", "'fp16' is 'yes'; it must be true or false"),
-        ("version", "v2", "'version' is 'v2'; it must be one of v15, v1"),
+        ("version", "v2", "'version' is 'v2'; model 'musetalk' has the versions v15, v1"),
         ("parsing_mode", "chin", "'parsing_mode' is 'chin'; it must be one of jaw, raw, neck"),
         ("boxes", [[1, 2, 3]], "'boxes' is [[1, 2, 3]]; it must be a list of face boxes"),
         ("boxes", [[5, 5, 1, 1]], "'boxes' is [5, 5, 1, 1]; it must be 0 <= x1 < x2 and 0 <= y1 < y2"),

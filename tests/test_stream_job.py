@@ -112,7 +112,7 @@ def test_a_streamed_job_publishes_hls_while_it_runs(worker, inputs, moto_s3, tmp
 
 def test_stream_without_a_bucket_is_refused(worker, inputs):
     bucketless = Worker(dataclasses.replace(worker.settings, bucket_name=None, output_dir=None),
-                        engine=worker.engine)
+                        engines=worker.engines)
     result = bucketless.run(dict(inputs, output={"stream": True}), "no-bucket")
     assert (result["error_code"], result["stage"]) == ("invalid_input", "validate"), result
     assert "'output.stream' needs a bucket" in result["error"]

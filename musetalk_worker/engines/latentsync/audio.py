@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ErrorCode, LipSyncError
-from ...models import require
+from ...model_files import require
 from .whisper import WhisperEncoder, load_whisper_encoder
 
 SAMPLE_RATE = 16000

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ...avatar_cache import CorruptEntryError
 from .boxes import Box
 from .masks import BlendMask
 
@@ -33,7 +34,7 @@ INDEX_FILE = "index.json"
 _FORMAT = 1
 
 
-class CorruptStoreError(Exception):
+class CorruptStoreError(CorruptEntryError):
     """A saved store whose index or data do not check out."""
 
 

@@ -16,12 +16,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file as load_safetensors
 from transformers import WhisperFeatureExtractor, WhisperModel
 
+from ...model_files import require
+from ...options import Acceleration
+from ...precision import precise_cpu_group_norm
+from ...vae import load_autoencoder
 from .audio import AudioEncoder
 from .bisenet import BiSeNet, load_bisenet
-from .errors import ErrorCode, LipSyncError
-from .options import Acceleration
-from .precision import precise_cpu_group_norm
-from .vae import load_autoencoder
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +34,6 @@ UNET_CONFIG = "musetalk.json"
 VAE_DIR = "sd-vae"
 WHISPER_DIR = "whisper"
 FACE_PARSING_WEIGHTS = "face-parse-bisent/79999_iter.pth"
-
-
-def require(models_dir: Path, relative: str) -> Path:
-    """The path of a model file, or a ``models_missing`` error that says how to get it."""
-    path = Path(models_dir) / relative
-    if not path.exists():
-        raise LipSyncError(
-            ErrorCode.MODELS_MISSING,
-            f"model file '{relative}' is missing from {models_dir}. Fetch the weights with "
-            f"`python -m builder.fetch_weights --dest {models_dir}`.",
-            stage="load",
-        )
-    return path
 
 
 def load_unet(models_dir: Path, version: str, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:

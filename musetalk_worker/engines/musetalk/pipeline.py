@@ -27,71 +27,31 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import torch
 
+from ...avatar_cache import AvatarCache
+from ...decode import MediaInfo, load_audio, probe_inputs
+from ...device import resolve_device
+from ...encode import HlsOutput, VideoEncoder, choose_video_codec
+from ...engine import LipSyncResult, Progress
+from ...errors import ErrorCode, LipSyncError
+from ...faces import FaceAnalyzer, load_face_analyzer
+from ...options import Acceleration, EngineConfig, MuseTalkOptions
+from ...overlap import BackgroundConsumer, Prefetcher
+from ...timing import StageTimer
 from .audio import AudioEncoder, AudioPrompts
-from .avatar_cache import AvatarCache
 from .blend import BlendedBatch, FaceBlender, visible_part
-from .decode import MediaInfo, load_audio, probe_inputs
-from .encode import HlsOutput, VideoEncoder, choose_video_codec
-from .errors import ErrorCode, LipSyncError
-from .faces import FaceAnalyzer, load_face_analyzer
 from .generate import FaceGenerator
 from .masks import BlendMask
-from .models import (
-    FACE_PARSING_WEIGHTS, VAE_DIR, load_audio_encoder, load_face_parser, load_unet, load_vae, speed_up,
-)
-from .options import Acceleration, EngineOptions
-from .overlap import BackgroundConsumer, Prefetcher
+from .models import FACE_PARSING_WEIGHTS, VAE_DIR, load_audio_encoder, load_face_parser, load_unet, load_vae, speed_up
 from .prepare import Preparation, Prepared
 from .store import SourceStore
-from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 # Stages reported to the progress callback, in order.
 PROGRESS_STAGES = ("decode", "prepare", "generate", "encode")
 
 
-@dataclasses.dataclass
-class LipSyncResult:
-    """What a job produced. ``timings`` holds seconds per stage."""
-
-    path: Path
-    frames: int
-    fps: float
-    fps_fraction: str
-    duration_s: float
-    width: int
-    height: int
-    source_frames: int
-    frames_without_face: int
-    timings: Dict[str, float]
-    cache_hit: Optional[bool] = None  # None when no avatar cache is set
-    avatar_id: Optional[str] = None  # the prepared source's id in the avatar cache (None without one)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise LipSyncError(ErrorCode.INVALID_INPUT, f"unknown device {device!r}; use auto, cuda, mps or cpu") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise LipSyncError(ErrorCode.INVALID_INPUT, "device 'cuda' was asked for but no CUDA GPU is visible")
-    if chosen.type == "mps" and not torch.backends.mps.is_available():
-        raise LipSyncError(ErrorCode.INVALID_INPUT, "device 'mps' was asked for but Apple's MPS is not available")
-    return chosen
-
-
-
-
-class LipSyncPipeline:
+class MuseTalkPipeline:
     """MuseTalk from media files to a lip-synced mp4; load once, call per job.
 
     Build it with :meth:`from_models`. Float16 copies of the UNet and VAE are
@@ -136,7 +96,7 @@ class LipSyncPipeline:
         cache_max_bytes: int = 20 * 2**30,
         acceleration: Acceleration = Acceleration(),
         video_encoder: str = "auto",
-    ) -> "LipSyncPipeline":
+    ) -> "MuseTalkPipeline":
         """Loads every model from ``models_dir`` (standard layout) onto ``device``.
 
         Args:
@@ -165,7 +125,16 @@ class LipSyncPipeline:
                 pipe._unet(version, dtype)
         return pipe
 
-    def warm_up(self, options: EngineOptions = EngineOptions()) -> None:
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "MuseTalkPipeline":
+        """Loads the engine as a deployment's :class:`EngineConfig` says (the engine interface's entry)."""
+        return cls.from_models(
+            config.models_dir, device=config.device, fp16=config.fp16, landmarks=config.landmarks,
+            versions=config.versions or ("v15",), cache_dir=config.cache_dir, cache_max_bytes=config.cache_max_bytes,
+            acceleration=config.acceleration, video_encoder=config.video_encoder,
+        )
+
+    def warm_up(self, options: MuseTalkOptions = MuseTalkOptions()) -> None:
         """Runs every loaded UNet and VAE decoder once on zeros, so the first job does not pay for
         kernel set-up or, with ``torch.compile``, for compiling at ``options``' batch size."""
         for version, dtype in list(self._unets):
@@ -178,7 +147,7 @@ class LipSyncPipeline:
         source: Union[Path, MediaInfo, None],
         audio: Union[Path, MediaInfo],
         output: Path,
-        options: EngineOptions = EngineOptions(),
+        options: MuseTalkOptions = MuseTalkOptions(),
         *,
         avatar_id: Optional[str] = None,
         progress: Optional[Progress] = None,
@@ -253,6 +222,8 @@ class LipSyncPipeline:
             source_frames=len(store),
             frames_without_face=len(store) - store.faces,
             timings=timings,
+            model="musetalk",
+            version=options.version,
             cache_hit=None if self.cache is None else isinstance(prepared, Prepared),
             avatar_id=key,
         )
@@ -273,7 +244,7 @@ class LipSyncPipeline:
                 "send the 'source' instead.",
                 stage="validate",
             )
-        store = self.cache.open(avatar_id)
+        store = self.cache.open(avatar_id, SourceStore.open)
         if store is None:
             raise LipSyncError(
                 ErrorCode.INVALID_INPUT,
@@ -288,7 +259,7 @@ class LipSyncPipeline:
         self,
         info: Optional[MediaInfo],
         avatar: Optional[SourceStore],
-        options: EngineOptions,
+        options: MuseTalkOptions,
         generator: FaceGenerator,
         needed: int,
         scratch: Path,
@@ -313,7 +284,7 @@ class LipSyncPipeline:
         if avatar is None:
             with timer("cache"):
                 key = self.cache.key(info.path, self._preparation_settings(options, generator))
-                avatar = self.cache.open(key)
+                avatar = self.cache.open(key, SourceStore.open)
         if avatar is not None:
             report("prepare", len(avatar), len(avatar))
             try:
@@ -339,12 +310,12 @@ class LipSyncPipeline:
         with timer("cache"):
             self.cache.commit(folder, key)
 
-    def _preparation(self, info: MediaInfo, options: EngineOptions, generator: FaceGenerator, store: SourceStore,
+    def _preparation(self, info: MediaInfo, options: MuseTalkOptions, generator: FaceGenerator, store: SourceStore,
                      limit: Optional[int], timer: StageTimer, report: Progress) -> Preparation:
         return Preparation(info, options, self.faces, generator.vae, self.mask_net, self._pool, store, limit,
                            timer, report)
 
-    def _preparation_settings(self, options: EngineOptions, generator: FaceGenerator) -> Dict[str, object]:
+    def _preparation_settings(self, options: MuseTalkOptions, generator: FaceGenerator) -> Dict[str, object]:
         """Everything besides the source's bytes that changes what preparation computes."""
         # Size and modification time identify the VAE and face-parsing weights without hashing gigabytes.
         weights = sorted((self.models_dir / VAE_DIR).iterdir()) + [self.models_dir / FACE_PARSING_WEIGHTS]
@@ -364,7 +335,7 @@ class LipSyncPipeline:
         source: Union[Preparation, Prepared],
         prompts: AudioPrompts,
         generator: FaceGenerator,
-        options: EngineOptions,
+        options: MuseTalkOptions,
         encoder: VideoEncoder,
         timer: StageTimer,
         report: Progress,
@@ -395,7 +366,7 @@ class LipSyncPipeline:
                 writer.put(batch, blended)
                 report("generate", batch.start + len(batch.sources), total)
 
-    def _generator(self, options: EngineOptions) -> FaceGenerator:
+    def _generator(self, options: MuseTalkOptions) -> FaceGenerator:
         dtype = self._half_dtype() if options.fp16 else torch.float32
         fixed_batch = options.batch_size if self.acceleration.compile != "off" else None
         return FaceGenerator(self._unet(options.version, dtype), self._vae(dtype), fixed_batch)

@@ -15,16 +15,16 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ...decode import MediaInfo, iter_video_frames, read_image
+from ...errors import ErrorCode, LipSyncError
+from ...faces import FaceAnalyzer
+from ...options import MuseTalkOptions
+from ...overlap import Prefetcher
+from ...timing import StageTimer
 from . import boxes as box_math
-from .decode import MediaInfo, iter_video_frames, read_image
-from .errors import ErrorCode, LipSyncError
-from .faces import FaceAnalyzer
 from .latents import LatentEncoder, crop_face
 from .masks import MaskMaker
-from .options import EngineOptions
-from .overlap import Prefetcher
 from .store import SourceStore
-from .timing import StageTimer
 
 Progress = Callable[[str, int, int], None]
 
@@ -40,7 +40,7 @@ class Preparation:
     def __init__(
         self,
         info: MediaInfo,
-        options: EngineOptions,
+        options: MuseTalkOptions,
         faces: FaceAnalyzer,
         vae: torch.nn.Module,
         mask_net: torch.nn.Module,
