@@ -20,7 +20,7 @@ import logging
 import tempfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Generator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -228,8 +228,9 @@ class _AlignedSource:
         self._faces, self._aligner, self._timer = faces, aligner, timer
         self._frames = FrameSpill(scratch / "frames.bin", info.height, info.width)
         self._matrices: List[Optional[torch.Tensor]] = []
-        decoded = iter_video_frames(info, fps=FPS) if info.kind == "video" else iter([read_image(info.path)])
-        self._decoded: Optional[Iterator[np.ndarray]] = decoded
+        # Generators both, so an early end can close the decoder.
+        decoded = iter_video_frames(info, fps=FPS) if info.kind == "video" else (f for f in [read_image(info.path)])
+        self._decoded: Optional[Generator[np.ndarray, None, None]] = decoded
         self.faces = 0
 
     def __enter__(self) -> "_AlignedSource":

@@ -1,0 +1,242 @@
+"""The LatentSync engine end to end on a fixture's small random-weight models: the CLI, the engine, the worker
+(beside MuseTalk, in one process) and ``handler.py --rp_serve_api``; real ffmpeg, real media, dlib landmarks.
+
+The first LatentSync fixture folder (``../shared/parity/latentsync/ls-*``) serves as the LatentSync model folder;
+its yaml trains at 64x64, which keeps these runs short. Parity with upstream is tested in
+test_latentsync_denoise.py; here it is the engine's behaviour: lengths, rates, looping, faceless frames, seeds,
+errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import ROOT, ffprobe
+from latentsync_fixtures import fixture_dirs
+from musetalk_worker.__main__ import main as cli
+from musetalk_worker.errors import ErrorCode, LipSyncError
+from musetalk_worker.options import EngineConfig, LatentSyncOptions, WorkerSettings
+from musetalk_worker.worker import Worker
+from servers import free_port
+
+STEPS = 2  # the engine's flow, not its quality, is under test
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True)
+
+
+def _frames(path: Path) -> np.ndarray:
+    """Every decoded frame of ``path`` (N, H, W, 3) RGB."""
+    video = next(s for s in ffprobe(path)["streams"] if s["codec_type"] == "video")
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         check=True, capture_output=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, int(video["height"]), int(video["width"]), 3)
+
+
+def _size(path: Path) -> int:
+    video = next(s for s in ffprobe(path)["streams"] if s["codec_type"] == "video")
+    return int(video["width"]) * int(video["height"])
+
+
+@pytest.fixture(scope="module")
+def latentsync_models() -> Path:
+    folders = fixture_dirs()
+    if not folders:
+        pytest.skip("no LatentSync parity fixture (../shared/parity/latentsync/ls-*) to take models from")
+    return folders[0] / "models"
+
+
+@pytest.fixture(scope="module")
+def both_models(fixture_models, latentsync_models, tmp_path_factory) -> Path:
+    """A worker's models folder holding MuseTalk's fixture models and LatentSync 1.6 (links, nothing copied)."""
+    folder = tmp_path_factory.mktemp("models")
+    for entry in fixture_models.iterdir():
+        (folder / entry.name).symlink_to(entry)
+    (folder / "latentsync-1.6").symlink_to(latentsync_models)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clips(media_dir, tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("latentsync-clips")
+    c = {name: d / name for name in ("face30.mp4", "speech.wav", "long_speech.wav", "gap.mp4", "noface.mp4")}
+    # 30 fps in, 25 fps out: the engine resamples as upstream's re-encode does.
+    _ffmpeg("-i", str(media_dir / "yongen.mp4"), "-t", "0.5", "-an", "-r", "30", "-pix_fmt", "yuv420p",
+            str(c["face30.mp4"]))
+    _ffmpeg("-i", str(media_dir / "eng.wav"), "-t", "0.72", str(c["speech.wav"]))
+    _ffmpeg("-i", str(media_dir / "eng.wav"), "-t", "1.3", str(c["long_speech.wav"]))
+    _ffmpeg("-i", str(media_dir / "yongen.mp4"), "-t", "0.72", "-an", "-vf",
+            "drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='between(n,2,5)'", "-pix_fmt", "yuv420p",
+            "-crf", "12", str(c["gap.mp4"]))
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x96:rate=25:duration=0.4", "-pix_fmt", "yuv420p",
+            str(c["noface.mp4"]))
+    return c
+
+
+@pytest.fixture(scope="module")
+def engine(latentsync_models):
+    from musetalk_worker.engine import load_engine
+
+    return load_engine("latentsync", EngineConfig(latentsync_models, device="cpu", landmarks="dlib"))
+
+
+def test_cli_makes_25_fps_as_long_as_the_audio(latentsync_models, clips, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    code = cli(["--source", str(clips["face30.mp4"]), "--audio", str(clips["speech.wav"]), "--out", str(out),
+                "--models", str(latentsync_models), "--model", "latentsync", "--landmarks", "dlib", "--device", "cpu",
+                "--steps", str(STEPS)])
+    assert code == 0, capsys.readouterr().err
+    streams = {s["codec_type"]: s for s in ffprobe(out)["streams"]}
+    assert streams["video"]["r_frame_rate"] == "25/1"
+    # 0.72 s of speech is 18 frames (two chunks: 16 and 2); the 0.5 s source (12 frames at 25 fps) loops.
+    assert int(streams["video"]["nb_read_frames"]) == 18
+    assert abs(float(streams["audio"]["duration"]) - 0.72) < 0.05
+    assert "18 frames at 25.000 fps" in capsys.readouterr().out
+
+
+def test_the_cli_refuses_another_models_option(latentsync_models, clips, tmp_path, capsys):
+    code = cli(["--source", str(clips["face30.mp4"]), "--audio", str(clips["speech.wav"]), "--out",
+                str(tmp_path / "x.mp4"), "--models", str(latentsync_models), "--model", "latentsync",
+                "--bbox-shift", "5"])
+    assert code == 2
+    assert "'bbox_shift' is not an option of model 'latentsync'" in capsys.readouterr().err
+
+
+def test_same_seed_same_video_and_another_seed_another(engine, clips, tmp_path):
+    def run(name: str, seed: int) -> np.ndarray:
+        engine(clips["face30.mp4"], clips["speech.wav"], tmp_path / name, LatentSyncOptions(steps=STEPS, seed=seed))
+        return _frames(tmp_path / name)
+
+    first, again, other = run("a.mp4", 7), run("b.mp4", 7), run("c.mp4", 8)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_still_image_source(engine, clips, media_dir, tmp_path):
+    result = engine(media_dir / "yongen.jpeg", clips["speech.wav"], tmp_path / "still.mp4",
+                    LatentSyncOptions(steps=STEPS, guidance=1.0))
+    video = next(s for s in ffprobe(tmp_path / "still.mp4")["streams"] if s["codec_type"] == "video")
+    assert result.frames == int(video["nb_read_frames"]) == 18 and result.source_frames == 1
+    assert (result.fps_fraction, result.model, result.version) == ("25/1", "latentsync", "1.6")
+
+
+def test_frames_without_a_face_pass_through(engine, clips, tmp_path):
+    result = engine(clips["gap.mp4"], clips["speech.wav"], tmp_path / "gap_out.mp4",
+                    LatentSyncOptions(steps=STEPS, deepcache=False))
+    assert result.frames_without_face == 4 and result.frames == 18
+    frames = _frames(tmp_path / "gap_out.mp4")
+    source = _frames(clips["gap.mp4"])
+    # The black frames come out black; the frames with a face were changed around the mouth.
+    assert frames[2:6].max() <= 16
+    changed = np.abs(frames[8].astype(int) - source[8].astype(int)).max()
+    assert changed > 30
+
+
+def test_output_loops_over_a_short_source_for_long_speech(engine, clips, tmp_path):
+    result = engine(clips["face30.mp4"], clips["long_speech.wav"], tmp_path / "loop.mp4",
+                    LatentSyncOptions(steps=1, guidance=1.0))
+    at_25 = subprocess.run(["ffmpeg", "-v", "error", "-i", str(clips["face30.mp4"]), "-vf", "fps=25", "-f",
+                            "rawvideo", "-pix_fmt", "gray", "-"], check=True, capture_output=True).stdout
+    # 1.3 s of speech at 25 fps, ping-pong over the source's frames at 25 fps (ffmpeg's fps filter counts them).
+    assert result.source_frames == len(at_25) // _size(clips["face30.mp4"]) < 32
+    assert result.frames == 32
+
+
+def test_no_face_anywhere_is_no_face(engine, clips, tmp_path):
+    with pytest.raises(LipSyncError) as caught:
+        engine(clips["noface.mp4"], clips["speech.wav"], tmp_path / "none.mp4", LatentSyncOptions(steps=1))
+    assert caught.value.code is ErrorCode.NO_FACE
+    assert not (tmp_path / "none.mp4").exists()
+
+
+def test_fp16_on_the_cpu_is_refused(engine, clips, tmp_path):
+    with pytest.raises(LipSyncError, match="fp16 needs a GPU"):
+        engine(clips["face30.mp4"], clips["speech.wav"], tmp_path / "x.mp4", LatentSyncOptions(fp16=True))
+
+
+@pytest.fixture(scope="module")
+def worker(both_models, clips, tmp_path_factory) -> Worker:
+    settings = WorkerSettings(models_dir=both_models, device="cpu", landmarks="dlib", weights_lock=None,
+                              temp_dir=tmp_path_factory.mktemp("scratch"), output_dir=tmp_path_factory.mktemp("out"),
+                              local_input_dir=clips["speech.wav"].parent)
+    loaded = Worker.start(settings)
+    assert loaded.load_error is None
+    return loaded
+
+
+def _local_job(clips: dict, **options) -> dict:
+    return {"source": "face30.mp4", "audio": "speech.wav", **options}
+
+
+def test_musetalk_and_latentsync_jobs_in_one_worker(worker, clips):
+    latentsync = worker.run(_local_job(clips, model="latentsync", steps=STEPS), "ls-1")
+    musetalk = worker.run(_local_job(clips), "mt-1")
+    assert "error" not in latentsync, latentsync
+    assert "error" not in musetalk, musetalk
+    assert (latentsync["model"], latentsync["version"], latentsync["fps_fraction"]) == ("latentsync", "1.6", "25/1")
+    assert (musetalk["model"], musetalk["version"]) == ("musetalk", "v15")
+    assert set(worker.engines) == {"musetalk", "latentsync"}
+    assert list(worker.settings.temp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("options, code, text", [
+    ({"model": "latentsync", "batch_size": 4}, "invalid_input", "'batch_size' is not an option of model 'latentsync'"),
+    ({"model": "latentsync", "version": "v15"}, "invalid_input", "model 'latentsync' has the versions 1.6, 1.5"),
+    ({"version": "1.6"}, "invalid_input", "model 'musetalk' has the versions v15, v1"),
+    ({"steps": 5}, "invalid_input", "'steps' is not an option of model 'musetalk'"),
+    ({"model": "wav2lip"}, "invalid_input", "'model' is 'wav2lip'; it must be one of musetalk, latentsync"),
+    ({"model": "latentsync", "guidance": 9.0}, "invalid_input", "'guidance' is 9.0; it must be a number from 1.0"),
+    ({"model": "latentsync", "version": "1.5"}, "models_missing",
+     "LatentSync 1.5 is not installed"),
+], ids=["musetalk option", "musetalk version", "latentsync version", "latentsync option", "unknown model",
+        "guidance range", "version not in the image"])
+def test_bad_latentsync_jobs(worker, clips, options, code, text):
+    result = worker.run(_local_job(clips, **options), "bad")
+    assert result.get("error_code") == code, result
+    assert text in result["error"]
+    if code == "models_missing":
+        assert "WEIGHT_COMPONENTS=default,latentsync-1.5" in result["error"]
+
+
+def test_handler_serves_both_models(both_models, clips, tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MUSETALK_", "BUCKET_", "RUNPOD_"))}
+    env.update(MUSETALK_MODELS_DIR=str(both_models), MUSETALK_DEVICE="cpu", MUSETALK_LANDMARKS="dlib",
+               MUSETALK_TEMP_DIR=str(tmp_path / "scratch"), MUSETALK_OUTPUT_DIR=str(tmp_path / "outputs"),
+               MUSETALK_LOCAL_INPUT_DIR=str(clips["speech.wav"].parent), MUSETALK_WEIGHTS_LOCK="none",
+               MUSETALK_PRELOAD_MODELS="musetalk,latentsync")
+    server = subprocess.Popen([sys.executable, str(ROOT / "handler.py"), "--rp_serve_api", "--rp_api_port",
+                               str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    base = f"http://localhost:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                requests.get(f"{base}/docs", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, "the API server did not start"
+                time.sleep(0.5)
+        speech = base64.b64encode(clips["speech.wav"].read_bytes()).decode()
+        job = {"source": "face30.mp4", "audio": f"data:audio/wav;base64,{speech}"}
+        # LatentSync makes 25 fps; MuseTalk keeps the source's 30.
+        for extra, model, rate in (({"model": "latentsync", "steps": STEPS}, "latentsync", "25/1"),
+                                   ({}, "musetalk", "30/1")):
+            done = requests.post(f"{base}/runsync", json={"input": {**job, **extra}}, timeout=300).json()
+            assert done["status"] == "COMPLETED", done
+            assert (done["output"]["model"], done["output"]["fps_fraction"]) == (model, rate)
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+    assert list((tmp_path / "scratch").iterdir()) == []
