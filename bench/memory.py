@@ -34,6 +34,16 @@ data a job holds: measured here, the 5 s job peaked at 1820-1853 MiB and the
 large buffers go back to the system when freed and the peak follows live
 memory (the 5 s job: 1691 MiB in three runs). ``--malloc-mmap-threshold 0``
 measures with glibc's default behaviour.
+
+``--model latentsync`` measures LatentSync the same way (each length in a
+fresh process), by default with the first LatentSync parity fixture's models
+(``../shared/parity/latentsync/ls-*/models``) and 10 s against 60 s of media;
+``--steps`` (20), ``--guidance`` (1.5) and ``--no-deepcache`` set its jobs.
+Its frames stream through 16-frame chunks, so its verdict is the issue's: the
+60 s peak within ``--tolerance-percent`` (10 %) of the 10 s one. Its output is
+25 fps as long as the audio, whatever ``--fps`` the synthetic source has::
+
+    python -m bench.memory --model latentsync --steps 2
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from typing import Dict, List, Optional, Sequence
 from . import (FIXTURE_MODELS, MIB, ROOT, describe_machine, engine_version, machine, parse_args,
                proc_status_bytes, reset_peak_rss, run_child)
 from .media import make_job_media
+from .speed import MODELS, engine_options, latentsync_fixture_models, load_bench_engine
 
 logger = logging.getLogger("bench.memory")
 
@@ -106,21 +117,23 @@ def describe_allocator(settings: Dict[str, str]) -> str:
     return " ".join(f"{name}={value}" for name, value in settings.items()) or "glibc malloc, defaults"
 
 
-def _load_engine(models: Path, threads: Optional[int]):
-    """The engine on the CPU with dlib landmarks, as every measured job uses it."""
+def _load_engine(job: Dict[str, object]):
+    """The job's engine on the CPU with dlib landmarks, as every measured job uses it."""
     import torch
 
-    from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
-
-    if threads:
-        torch.set_num_threads(threads)
-    return MuseTalkPipeline.from_models(models, device="cpu", landmarks="dlib")
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    return load_bench_engine(job.get("model", "musetalk"), Path(job["models"]))
 
 
-def _run_job(pipe, source: Path, audio: Path, batch_size: int) -> Dict[str, object]:
+def _options(job: Dict[str, object]):
+    """The job's engine options: MuseTalk's batch size, or LatentSync's steps, guidance, DeepCache."""
+    return engine_options(job.get("model", "musetalk"), batch_size=job["batch_size"], steps=job.get("steps", 20),
+                          guidance=job.get("guidance", 1.5), deepcache=job.get("deepcache", True))
+
+
+def _run_job(pipe, job: Dict[str, object]) -> Dict[str, object]:
     """Runs one job; its wall time, frames, stage timings, and the RSS trace through it."""
-    from musetalk_worker import MuseTalkOptions
-
     # The job's running peak and current RSS after each batch of each pass: shows where
     # the peak is reached and whether it creeps up as the job goes on.
     trace: List[List[object]] = []
@@ -131,7 +144,7 @@ def _run_job(pipe, source: Path, audio: Path, batch_size: int) -> Dict[str, obje
 
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as scratch:
         started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        result = pipe(source, audio, Path(scratch) / "out.mp4", MuseTalkOptions(batch_size=batch_size),
+        result = pipe(Path(job["source"]), Path(job["audio"]), Path(scratch) / "out.mp4", _options(job),
                       progress=progress)
         job_s, cpu_after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
     # CPU seconds of every thread of this process (not of ffmpeg): the system share shows what an allocator
@@ -142,18 +155,18 @@ def _run_job(pipe, source: Path, audio: Path, batch_size: int) -> Dict[str, obje
             "timings": result.timings}
 
 
-def run_one(models: Path, source: Path, audio: Path, batch_size: int, threads: Optional[int]) -> Dict[str, object]:
+def run_one(job: Dict[str, object]) -> Dict[str, object]:
     """Loads the engine and runs one job; the child's side of a length measurement."""
     import torch
 
-    pipe = _load_engine(models, threads)
+    pipe = _load_engine(job)
     report: Dict[str, object] = {
         "threads": torch.get_num_threads(),
         "load_peak_rss_mib": proc_status_bytes("VmHWM") / MIB,
         "rss_after_load_mib": proc_status_bytes("VmRSS") / MIB,
         "job_peak_measured": reset_peak_rss(),
     }
-    report.update(_run_job(pipe, source, audio, batch_size))
+    report.update(_run_job(pipe, job))
     report["job_peak_rss_mib"] = proc_status_bytes("VmHWM") / MIB
     return report
 
@@ -179,8 +192,7 @@ def _malloc_free_mib(libc: Optional[ctypes.CDLL]) -> Optional[float]:
     return libc.mallinfo2().fordblks / MIB
 
 
-def run_after_job(models: Path, source: Path, audio: Path, batch_size: int, threads: Optional[int],
-                  idle_s: Sequence[float]) -> Dict[str, object]:
+def run_after_job(job: Dict[str, object]) -> Dict[str, object]:
     """Loads and warms up the engine once, as the worker does, runs one job and follows RSS after it.
 
     The child's side of an ``--after-job`` measurement; the allocator is the
@@ -188,7 +200,7 @@ def run_after_job(models: Path, source: Path, audio: Path, batch_size: int, thre
     """
     import torch
 
-    pipe = _load_engine(models, threads)
+    pipe = _load_engine(job)
     pipe.warm_up()
     libc = _glibc_malloc()
     report: Dict[str, object] = {
@@ -198,12 +210,12 @@ def run_after_job(models: Path, source: Path, audio: Path, batch_size: int, thre
         "malloc_free_before_mib": _malloc_free_mib(libc),
         "job_peak_measured": reset_peak_rss(),
     }
-    report.update(_run_job(pipe, source, audio, batch_size))
+    report.update(_run_job(pipe, job))
     report.update(job_peak_rss_mib=proc_status_bytes("VmHWM") / MIB, rss_after_mib=proc_status_bytes("VmRSS") / MIB,
                   malloc_free_after_mib=_malloc_free_mib(libc), load_average_1min=os.getloadavg()[0])
     idle: List[List[float]] = []
     waited = 0.0
-    for seconds in sorted(idle_s):
+    for seconds in sorted(job["idle_s"]):
         time.sleep(seconds - waited)
         waited = seconds
         idle.append([seconds, proc_status_bytes("VmRSS") / MIB])
@@ -226,8 +238,9 @@ def _child(mode: str, job: Dict[str, object], env: Dict[str, str], result_path: 
 def _job(args: argparse.Namespace, seconds: float, media_dir: Path) -> Dict[str, object]:
     """The child's job for ``seconds`` of media (made now)."""
     source, audio = make_job_media(media_dir, width=args.width, height=args.height, seconds=seconds, fps=args.fps)
-    return {"models": str(args.models), "source": str(source), "audio": str(audio), "batch_size": args.batch_size,
-            "threads": args.threads}
+    return {"model": args.model, "models": str(args.models), "source": str(source), "audio": str(audio),
+            "batch_size": args.batch_size, "threads": args.threads, "steps": args.steps, "guidance": args.guidance,
+            "deepcache": args.deepcache}
 
 
 def measure(seconds: float, args: argparse.Namespace, media_dir: Path) -> Dict[str, object]:
@@ -360,18 +373,24 @@ def _trace_cells(trace: List[List[object]]) -> List[str]:
     return ["—" if t is None else f"{t[3]:.0f} ({t[4]:.0f})" for t in points]
 
 
-def judge(short: Dict[str, object], long: Dict[str, object], tolerance_mib: float) -> tuple:
-    """(passed, sentence): both peaks of the long job within ``tolerance_mib`` of the short job's."""
+def judge(short: Dict[str, object], long: Dict[str, object], tolerance_mib: float,
+          tolerance_percent: Optional[float] = None) -> tuple:
+    """(passed, sentence): both peaks of the long job within ``tolerance_mib`` of the short job's, or, when
+    ``tolerance_percent`` is given, the process's peak within that share of the short job's (the ratio is printed)."""
     if short["exit_code"] != 0 or long["exit_code"] != 0:
         return False, "FAIL: a job did not finish (see above)."
     growth = {key: long[key] - short[key] for key in ("process_peak_rss_mib", "job_peak_rss_mib")}
+    changes = (f"from {short['seconds']:g} s to {long['seconds']:g} s ({short['frames']} -> {long['frames']} frames) "
+               f"the process's peak RSS changed by {growth['process_peak_rss_mib']:+.1f} MiB and the job's by "
+               f"{growth['job_peak_rss_mib']:+.1f} MiB")
+    if tolerance_percent is not None:
+        ratio = long["process_peak_rss_mib"] / short["process_peak_rss_mib"]
+        passed = abs(ratio - 1) * 100 <= tolerance_percent
+        return passed, (f"{'PASS' if passed else 'FAIL'}: {changes}; peak RSS ratio {long['seconds']:g} s / "
+                        f"{short['seconds']:g} s = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %, tolerance "
+                        f"{tolerance_percent:g} %).")
     passed = all(value <= tolerance_mib for value in growth.values())
-    return passed, (
-        f"{'PASS' if passed else 'FAIL'}: from {short['seconds']:g} s to {long['seconds']:g} s "
-        f"({short['frames']} -> {long['frames']} frames) the process's peak RSS changed by "
-        f"{growth['process_peak_rss_mib']:+.1f} MiB and the job's by {growth['job_peak_rss_mib']:+.1f} MiB "
-        f"(tolerance +{tolerance_mib:g} MiB)."
-    )
+    return passed, f"{'PASS' if passed else 'FAIL'}: {changes} (tolerance +{tolerance_mib:g} MiB)."
 
 
 def judge_after_job(reports: List[Dict[str, object]], tolerance_mib: float) -> tuple:
@@ -406,9 +425,12 @@ def _allocators(names: Sequence[str]) -> Dict[str, Dict[str, str]]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, default=FIXTURE_MODELS,
-                        help="models folder (default: the parity fixture's, ../shared/parity/v15-yongen/models)")
-    parser.add_argument("--short", type=float, default=5.0, help="seconds of the short job (default 5)")
+    parser.add_argument("--model", default="musetalk", choices=MODELS, help="the engine to measure (default musetalk)")
+    parser.add_argument("--models", type=Path,
+                        help="models folder (default: the parity fixture's, ../shared/parity/v15-yongen/models; for "
+                             "latentsync the first LatentSync fixture's, ../shared/parity/latentsync/ls-*/models)")
+    parser.add_argument("--short", type=float,
+                        help="seconds of the short job (default 5; 10 for latentsync, the issue's)")
     parser.add_argument("--long", type=float, default=60.0,
                         help="seconds of the long job, and of the --after-job one (default 60)")
     parser.add_argument("--fps", type=float, default=5.0, help="frame rate of the synthetic video (default 5)")
@@ -431,12 +453,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--idle", type=lambda text: [float(x) for x in _csv(text)], default=[1.0, 10.0],
                         help="comma-separated seconds after the --after-job job at which to read RSS again "
                              "(default 1,10)")
+    parser.add_argument("--tolerance-percent", type=float,
+                        help="judge the length jobs by the ratio of their process peaks instead: the long one within "
+                             "this share of the short one (default 10 for latentsync; MuseTalk: --tolerance-mib)")
+    parser.add_argument("--steps", type=int, default=20, help="latentsync: DDIM steps (default 20)")
+    parser.add_argument("--guidance", type=float, default=1.5, help="latentsync: guidance scale (default 1.5)")
+    parser.add_argument("--no-deepcache", dest="deepcache", action="store_false",
+                        help="latentsync: run every step's whole UNet (default: DeepCache)")
     args = parse_args(parser, argv)
 
     if args.run_one:
         job = json.loads(args.run_one)
-        common = (Path(job["models"]), Path(job["source"]), Path(job["audio"]), job["batch_size"], job["threads"])
-        report = run_after_job(*common, job["idle_s"]) if job["mode"] == "after-job" else run_one(*common)
+        report = run_after_job(job) if job["mode"] == "after-job" else run_one(job)
         args.result.write_text(json.dumps(report))
         return 0
     if not args.idle or min(args.idle) < 0:
@@ -446,10 +474,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             allocators = _allocators(args.allocators)
         except ValueError as err:
             parser.error(str(err))
-    short_frames = int(args.short * args.fps)
-    if not args.after_job and short_frames < args.batch_size:
+    latentsync = args.model == "latentsync"
+    if args.short is None:
+        args.short = 10.0 if latentsync else 5.0
+    if args.tolerance_percent is None and latentsync:
+        args.tolerance_percent = 10.0
+    if args.models is None:
+        args.models = latentsync_fixture_models() if latentsync else FIXTURE_MODELS
+    # LatentSync's output is 25 fps, in chunks of 16 frames, whatever the source's rate.
+    short_frames, batch = (int(args.short * 25), 16) if latentsync else (int(args.short * args.fps), args.batch_size)
+    if not args.after_job and short_frames < batch:
         # A job shorter than one batch peaks lower for that reason alone, which would hide growth.
-        parser.error(f"the short job has {short_frames} frames, fewer than one batch ({args.batch_size}); "
+        parser.error(f"the short job has {short_frames} frames, fewer than one batch ({batch}); "
                      "raise --short or --fps, or lower --batch-size")
     args.models = args.models.resolve()
     host, engine = machine(), engine_version()
@@ -461,15 +497,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             passed, verdict = judge_after_job(reports, args.tolerance_mib)
         else:
             reports = [measure(seconds, args, Path(scratch)) for seconds in (args.short, args.long)]
-            passed, verdict = judge(reports[0], reports[1], args.tolerance_mib)
+            passed, verdict = judge(reports[0], reports[1], args.tolerance_mib, args.tolerance_percent)
     threads = next((r["threads"] for r in reports if "threads" in r), "?")
     header = {
         "machine": describe_machine(host),
         "models": str(args.models),
         "media": f"synthetic face video {args.width}x{args.height} at {args.fps:g} fps + speech of the same length "
                  + (f"({args.long:g} s, bench/media.py)" if args.after_job else "(bench/media.py)"),
-        "engine": f"{engine}; CPU, {threads} torch threads, dlib landmarks, batch size {args.batch_size}, "
-                  "no avatar cache",
+        "engine": (f"{engine}; LatentSync, CPU, {threads} torch threads, dlib landmarks, {args.steps} steps, "
+                   f"guidance {args.guidance:g}, DeepCache {'on' if args.deepcache else 'off'}, 16-frame chunks"
+                   if latentsync else f"{engine}; CPU, {threads} torch threads, dlib landmarks, batch size "
+                   f"{args.batch_size}, no avatar cache"),
     }
     if args.after_job:
         print(render_after_job(reports, header, args.idle, verdict))

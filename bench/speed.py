@@ -1,4 +1,5 @@
-"""Speed of the lip-sync engine per stage and end to end, for several dtypes and batch sizes.
+"""Speed of a lip-sync engine (MuseTalk, or LatentSync with ``--model latentsync``) per stage and end to end,
+for several dtypes and batch sizes.
 
 Runs one job per configuration (dtype x batch size), each in a fresh process so
 that its peak memory is its own, and prints markdown tables: per stage the
@@ -17,6 +18,16 @@ precision needs a GPU)". ``--compile`` compares torch.compile modes (each batch
 size compiles during warm-up, whose time the table shows). With
 ``--repeat-with-cache`` each configuration runs its job twice with one avatar
 cache folder: the first run prepares and caches the source, the second reuses it.
+
+``--model latentsync`` measures LatentSync instead: by default with the first
+LatentSync parity fixture's models (``../shared/parity/latentsync/ls-*/models``,
+small random weights of the real architecture), ``--steps`` DDIM steps (20),
+``--guidance`` (1.5), DeepCache unless ``--no-deepcache``. It works in
+16-frame chunks and has no avatar cache, so ``--batch-sizes`` and
+``--repeat-with-cache`` do not apply; its output is 25 fps, as long as the
+audio, whatever ``--fps`` the synthetic source has::
+
+    python -m bench.speed --model latentsync --device cpu --dtypes fp32 --seconds 2 --steps 2
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from typing import Dict, List, Optional, Sequence
 
 from musetalk_worker.options import COMPILE_MODES
 
-from . import MIB, ChildRun, describe_machine, engine_version, machine, parse_args, proc_status_bytes, run_child
+from . import MIB, SHARED, ChildRun, describe_machine, engine_version, machine, parse_args, proc_status_bytes, run_child
 
 logger = logging.getLogger("bench.speed")
 
@@ -55,9 +66,70 @@ STAGES = (
     ("encode", "encode (ffmpeg; the codec is in the header)", "output"),
     ("cache", "avatar cache (hash, save, load)", "source"),
 )
+# LatentSync's stages (its timing keys); it reports frames per 16-frame chunk, all output frames.
+LATENTSYNC_STAGES = (
+    ("decode", "decode (probe, audio)", "source"),
+    ("audio", "audio: Whisper features", "output"),
+    ("faces", "faces: detection + landmarks (source frames, as read)", "source"),
+    ("align", "align: warp faces to the model's size", "output"),
+    ("generate", "generate: DDIM steps (UNet) + VAE", "output"),
+    ("restore", "restore: paste faces back", "output"),
+    ("read", "read (aligned source frames from the spill)", "output"),
+    ("encode", "encode (ffmpeg; the codec is in the header)", "output"),
+)
+MODELS = ("musetalk", "latentsync")
+# The frames LatentSync generates at once (engines/latentsync/pipeline.py CHUNK).
+LATENTSYNC_CHUNK = 16
 FP16_REFUSED = "n/a (half precision needs a GPU)"
 # Half-precision dtypes of the table -> Acceleration.half_dtype.
 HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def latentsync_fixture_models() -> Path:
+    """The models of the first LatentSync parity fixture (``../shared/parity/latentsync/ls-*/models``), as the
+    LatentSync tests find it; the path of where it would be when there is none (the engine then names it missing)."""
+    root = SHARED / "parity" / "latentsync"
+    found = sorted(p / "models" for p in root.glob("ls-*") if (p / "models").is_dir()) if root.is_dir() else []
+    return found[0] if found else root / "ls-*" / "models"
+
+
+def engine_options(model: str, *, batch_size: int = 8, fp16: bool = False, steps: int = 20, guidance: float = 1.5,
+                   deepcache: bool = True):
+    """The job options of ``model`` for a measured job: MuseTalk's batch size, or LatentSync's steps, guidance,
+    DeepCache (its seed the default, so runs compare)."""
+    from musetalk_worker import MuseTalkOptions
+    from musetalk_worker.options import LatentSyncOptions
+
+    if model == "latentsync":
+        return LatentSyncOptions(steps=steps, guidance=guidance, deepcache=deepcache, fp16=fp16)
+    return MuseTalkOptions(batch_size=batch_size, fp16=fp16)
+
+
+def load_bench_engine(model: str, models: Path, *, device: str = "cpu", landmarks: str = "dlib", fp16: bool = False,
+                      cache_dir: Optional[Path] = None, acceleration=None):
+    """The engine of ``model`` with ``models``: MuseTalk's pipeline, or LatentSync's through ``load_engine`` with
+    its default version loaded now (so that load time and RSS after load include it)."""
+    from musetalk_worker.options import Acceleration, EngineConfig, LatentSyncOptions
+
+    acceleration = acceleration or Acceleration()
+    if model == "latentsync":
+        from musetalk_worker.engine import load_engine
+
+        return load_engine("latentsync", EngineConfig(models, device=device, landmarks=landmarks, fp16=fp16,
+                                                      versions=(LatentSyncOptions().version,),
+                                                      acceleration=acceleration))
+    from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
+
+    return MuseTalkPipeline.from_models(models, device=device, fp16=fp16, landmarks=landmarks, cache_dir=cache_dir,
+                                        acceleration=acceleration)
+
+
+def warm_up(model: str, pipe, options) -> None:
+    """Runs the engine's networks once (MuseTalk's at ``options``' batch size)."""
+    if model == "latentsync":
+        pipe.warm_up()
+    else:
+        pipe.warm_up(options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +147,17 @@ class Config:
     repeat_with_cache: bool
     compile: str = "off"
     channels_last: bool = False
+    model: str = "musetalk"
+    steps: int = 20
+    guidance: float = 1.5
+    deepcache: bool = True
 
     @property
     def label(self) -> str:
         extras = ("" if self.compile == "off" else f" compile={self.compile}") + (" NHWC" if self.channels_last else "")
+        if self.model == "latentsync":
+            return (f"{self.dtype} {self.steps} steps g{self.guidance:g}{'' if self.deepcache else ' no DeepCache'}"
+                    f"{extras}")
         return f"{self.dtype} b{self.batch_size}{extras}"
 
 
@@ -86,9 +165,8 @@ def run_one(config: Config) -> Dict[str, object]:
     """Loads the engine and runs the job (twice with an avatar cache); the child's side of a measurement."""
     import torch
 
-    from musetalk_worker import MuseTalkOptions, ErrorCode, LipSyncError
+    from musetalk_worker import ErrorCode, LipSyncError
     from musetalk_worker.options import Acceleration
-    from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -100,13 +178,13 @@ def run_one(config: Config) -> Dict[str, object]:
         cache_dir = Path(scratch) / "avatar-cache" if config.repeat_with_cache else None
         try:
             started = time.perf_counter()
-            pipe = MuseTalkPipeline.from_models(Path(config.models), device=config.device, fp16=fp16,
-                                               landmarks=config.landmarks, cache_dir=cache_dir,
-                                               acceleration=acceleration)
+            pipe = load_bench_engine(config.model, Path(config.models), device=config.device, fp16=fp16,
+                                     landmarks=config.landmarks, cache_dir=cache_dir, acceleration=acceleration)
             report["load_s"] = time.perf_counter() - started
-            options = MuseTalkOptions(batch_size=config.batch_size, fp16=fp16)
+            options = engine_options(config.model, batch_size=config.batch_size, fp16=fp16, steps=config.steps,
+                                     guidance=config.guidance, deepcache=config.deepcache)
             started = time.perf_counter()
-            pipe.warm_up(options)
+            warm_up(config.model, pipe, options)
             report["warm_up_s"] = time.perf_counter() - started
         except LipSyncError as error:
             # The engine's own refusal (fp16 on the CPU) is a result, not a failure.
@@ -182,8 +260,10 @@ def render(reports: Sequence[Dict[str, object]], header: Dict[str, object]) -> s
             if run is not None and run.get("cache_hit") is not None:
                 suffix = " (cache hit)" if run["cache_hit"] else " (cache miss)"
             columns.append((f"{report['label']}{suffix}", report, run))
+    latentsync = header.get("model") == "latentsync"
+    stages = LATENTSYNC_STAGES if latentsync else STAGES
     lines = [
-        "## MuseTalk engine speed",
+        f"## {'LatentSync' if latentsync else 'MuseTalk'} engine speed",
         "",
         f"- machine: {header['machine']}",
         f"- device: {header['device']}",
@@ -195,15 +275,18 @@ def render(reports: Sequence[Dict[str, object]], header: Dict[str, object]) -> s
         "",
         "### Per stage: seconds (frames per second)",
         "",
-        "Prepare stages count source frames, generate stages output frames. Decoding, store reads, pasting "
-        "and encoding run on threads of their own, overlapping the UNet and VAE, so the stages can add up to "
-        "more than the job: the last row is the job's wall time minus their sum. On a GPU the UNet, VAE and "
-        "blend rows are GPU time (CUDA events), the others wall time.",
+        ("Source stages count source frames (decoded at 25 fps), the others output frames. Each 16-frame chunk "
+         "goes through the stages in turn; the last row is the job's wall time minus their sum. On a GPU the "
+         "generate and restore rows are GPU time (CUDA events), the others wall time." if latentsync else
+         "Prepare stages count source frames, generate stages output frames. Decoding, store reads, pasting "
+         "and encoding run on threads of their own, overlapping the UNet and VAE, so the stages can add up to "
+         "more than the job: the last row is the job's wall time minus their sum. On a GPU the UNet, VAE and "
+         "blend rows are GPU time (CUDA events), the others wall time."),
         "",
         "| stage | " + " | ".join(c[0] for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),
     ]
-    for key, label, counted in STAGES + (("other", "job minus the stages' sum", "output"),):
+    for key, label, counted in stages + (("other", "job minus the stages' sum", "output"),):
         if key == "cache" and not any(run and "cache" in run["timings"] for _, _, run in columns):
             continue
         cells = [_stage_cell(report, run, key, counted) for _, report, run in columns]
@@ -277,8 +360,12 @@ def _csv(kind: type, text: str) -> List:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="musetalk", choices=MODELS,
+                        help="the engine to measure (default musetalk)")
     parser.add_argument("--models", type=Path,
-                        help="models folder to use as is (default: random real-architecture models, built once)")
+                        help="models folder to use as is (default: random real-architecture models, built once; "
+                             "for latentsync the first LatentSync parity fixture's, ../shared/parity/latentsync/"
+                             "ls-*/models)")
     parser.add_argument("--tiny", action="store_true", help="random models of shrunk sizes (for tests)")
     parser.add_argument("--source", type=Path, help="face video or image (default: synthetic, see --width...)")
     parser.add_argument("--audio", type=Path, help="speech (default: synthetic, as long as --seconds)")
@@ -301,6 +388,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repeat-with-cache", action="store_true",
                         help="run each job twice with one avatar cache folder (miss, then hit)")
     parser.add_argument("--timeout", type=float, help="seconds allowed per configuration")
+    parser.add_argument("--steps", type=int, default=20, help="latentsync: DDIM steps (default 20)")
+    parser.add_argument("--guidance", type=float, default=1.5, help="latentsync: guidance scale (default 1.5)")
+    parser.add_argument("--no-deepcache", dest="deepcache", action="store_false",
+                        help="latentsync: run every step's whole UNet (default: DeepCache)")
     args = parse_args(parser, argv)
 
     if args.run_one:
@@ -309,6 +400,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if (args.source is None) != (args.audio is None):
         parser.error("give both --source and --audio, or neither (synthetic media)")
+    if args.model == "latentsync":
+        if args.repeat_with_cache:
+            parser.error("--repeat-with-cache is MuseTalk's: LatentSync has no avatar cache")
+        # One configuration per dtype (and compile mode): LatentSync's chunk is fixed.
+        args.batch_sizes = [LATENTSYNC_CHUNK]
     unknown = sorted(set(args.dtypes) - {"fp32", *HALF_DTYPES})
     if unknown:
         parser.error(f"unknown dtype(s) {', '.join(unknown)}: use fp32, fp16, bf16")
@@ -331,13 +427,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         reports = []
         for dtype, batch_size, mode in itertools.product(args.dtypes, args.batch_sizes, args.compile):
             config = Config(str(models), str(source), str(audio), args.device, dtype, batch_size,
-                            args.landmarks, args.threads, args.repeat_with_cache, mode, args.channels_last)
+                            args.landmarks, args.threads, args.repeat_with_cache, mode, args.channels_last,
+                            args.model, args.steps, args.guidance, args.deepcache)
             reports.append(measure(config, args.timeout))
     device = next((r for r in reports if r.get("device")), {})
     device_text = device.get("gpu") or device.get("device") or args.device
     if device.get("threads"):
         device_text += f" (torch {device['torch']}, {device['threads']} CPU threads)"
-    header = {"machine": describe_machine(host), "device": device_text, "models": models_text, "media": media_text,
+    header = {"model": args.model, "machine": describe_machine(host), "device": device_text, "models": models_text, "media": media_text,
               "landmarks": args.landmarks, "video_codec": device.get("video_codec"), "engine": engine}
     print(render(reports, header))
     if args.json:
@@ -349,6 +446,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _models(args: argparse.Namespace) -> tuple:
+    if args.models is None and args.model == "latentsync":
+        models = latentsync_fixture_models().resolve()
+        return models, f"LatentSync parity fixture (small random weights of the real architecture), {models}"
     if args.models is not None:
         return args.models.resolve(), str(args.models.resolve())
     from .random_models import build_models, default_dest

@@ -133,3 +133,44 @@ def test_memory_after_job_follows_rss_in_one_process(tiny_models, tmp_path, medi
     assert report["frames"] == 5 and report["glibc_malloc"]
     assert report["job_peak_rss_mib"] >= report["rss_after_mib"] > 0 and report["rss_before_mib"] > 0
     assert [wait for wait, _ in report["rss_idle_mib"]] == [0, 0.2] and report["rss_after_trim_mib"] > 0
+
+
+@pytest.fixture(scope="module")
+def latentsync_models() -> Path:
+    from bench.speed import latentsync_fixture_models
+
+    models = latentsync_fixture_models()
+    if not models.is_dir():
+        pytest.skip("no LatentSync parity fixture under ../shared/parity/latentsync")
+    return models
+
+
+def test_speed_measures_latentsync(latentsync_models, tmp_path, media_dir):
+    out = tmp_path / "speed.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.speed", "--model", "latentsync", "--device", "cpu", "--dtypes", "fp32",
+         "--width", "128", "--height", "128", "--seconds", "1", "--fps", "10", "--steps", "1", "--guidance", "1",
+         "--no-deepcache", "--threads", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "## LatentSync engine speed" in done.stdout and "| fp32 1 steps g1 no DeepCache |" in done.stdout
+    assert str(latentsync_models.resolve()) in done.stdout
+    (report,) = json.loads(out.read_text())["reports"]
+    (run,) = report["runs"]
+    assert run["frames"] == 25 and {"faces", "generate", "restore", "encode"} <= set(run["timings"])
+
+
+def test_memory_compares_two_latentsync_lengths(latentsync_models, tmp_path, media_dir):
+    out = tmp_path / "memory.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.memory", "--model", "latentsync", "--short", "0.7", "--long", "1", "--steps", "1",
+         "--width", "128", "--height", "128", "--fps", "10", "--threads", "1", "--tolerance-percent", "50",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "peak RSS ratio 1 s / 0.7 s" in done.stdout and "tolerance 50 %" in done.stdout
+    short, long = json.loads(out.read_text())["reports"]
+    assert (short["frames"], long["frames"]) == (17, 25)
+    assert long["job_peak_rss_mib"] > long["rss_after_load_mib"] > 0
