@@ -77,6 +77,18 @@ class FileServer:
         self._httpd.server_close()
 
 
+def wait_until_serving(base: str, server: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Waits for ``handler.py --rp_serve_api`` at ``base`` (its port opens once the models are loaded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            requests.get(f"{base}/docs", timeout=2)
+            return
+        except requests.ConnectionError:
+            assert server.poll() is None and time.monotonic() < deadline, "the API server did not start"
+            time.sleep(0.5)
+
+
 def send_bytes(handler: http.server.BaseHTTPRequestHandler, data: bytes, content_type: str) -> None:
     handler.send_response(200)
     handler.send_header("Content-Type", content_type)

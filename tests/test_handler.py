@@ -20,7 +20,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -31,7 +30,7 @@ from runpod.serverless.modules.rp_job import run_job
 from conftest import ROOT, SHARED, ffprobe
 from musetalk_worker.options import WorkerSettings
 from musetalk_worker.worker import Worker
-from servers import FileServer, MOTO_KEY_ID, MOTO_SECRET, drop_connection, free_port
+from servers import FileServer, MOTO_KEY_ID, MOTO_SECRET, drop_connection, free_port, wait_until_serving
 
 JOB_KEY_ID = "AKIAJOBKEY0000000001"
 JOB_SECRET = "job-secret-access-key-never-to-be-seen-42"
@@ -370,14 +369,7 @@ def test_local_api_server(settings, clips, tmp_path):
         env=_handler_env(settings, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://localhost:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:  # the port opens once the models are loaded
-            try:
-                requests.get(f"{base}/docs", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert server.poll() is None and time.monotonic() < deadline, "the API server did not start"
-                time.sleep(0.5)
+        wait_until_serving(base, server)
         media = Path(os.path.relpath(clips.face_png, SHARED))
         speech = base64.b64encode(clips.speech.read_bytes()).decode()
         good = {"input": {"source": str(media), "audio": f"data:audio/wav;base64,{speech}", "fps": 5}}

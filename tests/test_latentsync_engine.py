@@ -13,7 +13,6 @@ import base64
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from musetalk_worker.__main__ import main as cli
 from musetalk_worker.errors import ErrorCode, LipSyncError
 from musetalk_worker.options import EngineConfig, LatentSyncOptions, WorkerSettings
 from musetalk_worker.worker import Worker
-from servers import free_port
+from servers import free_port, wait_until_serving
 
 STEPS = 2  # the engine's flow, not its quality, is under test
 
@@ -220,14 +219,7 @@ def test_handler_serves_both_models(both_models, clips, tmp_path):
                               text=True)
     base = f"http://localhost:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                requests.get(f"{base}/docs", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert server.poll() is None and time.monotonic() < deadline, "the API server did not start"
-                time.sleep(0.5)
+        wait_until_serving(base, server)
         speech = base64.b64encode(clips["speech.wav"].read_bytes()).decode()
         job = {"source": "face30.mp4", "audio": f"data:audio/wav;base64,{speech}"}
         # LatentSync makes 25 fps; MuseTalk keeps the source's 30.
