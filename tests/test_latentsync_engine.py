@@ -10,6 +10,7 @@ errors.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from musetalk_worker.__main__ import main as cli
 from musetalk_worker.errors import ErrorCode, LipSyncError
 from musetalk_worker.options import EngineConfig, LatentSyncOptions, WorkerSettings
 from musetalk_worker.worker import Worker
-from servers import free_port, wait_until_serving
+from servers import MOTO_KEY_ID, MOTO_SECRET, free_port, wait_until_serving
 
 STEPS = 2  # the engine's flow, not its quality, is under test
 
@@ -186,6 +187,21 @@ def test_musetalk_and_latentsync_jobs_in_one_worker(worker, clips):
     assert (musetalk["model"], musetalk["version"]) == ("musetalk", "v15")
     assert set(worker.engines) == {"musetalk", "latentsync"}
     assert list(worker.settings.temp_dir.iterdir()) == []
+
+
+def test_a_streamed_latentsync_job(worker, clips, moto_s3):
+    moto_s3.bucket("ls-results")
+    streaming = Worker(dataclasses.replace(
+        worker.settings, allow_private_urls=True, bucket_endpoint_url=moto_s3.endpoint,
+        bucket_access_key_id=MOTO_KEY_ID, bucket_secret_access_key=MOTO_SECRET, bucket_name="ls-results",
+        bucket_region="us-east-1"), engines=worker.engines)
+    result = streaming.run(_local_job(clips, model="latentsync", steps=1, output={"stream": True}), "ls-stream")
+    assert "error" not in result, result
+    assert result["delivery"] == "s3" and result["frames"] == 18
+    frames = subprocess.run(["ffprobe", "-v", "error", "-live_start_index", "0", "-select_streams", "v:0",
+                             "-count_frames", "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0",
+                             result["stream_url"]], capture_output=True, text=True, check=True).stdout
+    assert int(frames.split()[0]) == 18 and result["stream_segments"] >= 2
 
 
 @pytest.mark.parametrize("options, code, text", [
