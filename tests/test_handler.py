@@ -350,14 +350,17 @@ def _handler_env(settings: WorkerSettings, tmp_path: Path, **extra: str) -> dict
 
 def test_test_input_json_runs_a_real_job(settings, tmp_path):
     job = (ROOT / "test_input.json").read_text()
+    # The shipped job names the sample in examples/, as scripts/run_example.sh allows it.
+    env = dict(_handler_env(settings, tmp_path), MUSETALK_LOCAL_INPUT_DIR=str(ROOT / "examples"))
     # Run from another folder: nothing may depend on the working directory.
     proc = subprocess.run([sys.executable, str(ROOT / "handler.py"), "--test_input", job], cwd=tmp_path,
-                          env=_handler_env(settings, tmp_path), capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     video = tmp_path / "outputs" / "local_test.mp4"
     probe = ffprobe(video)
     stream = next(s for s in probe["streams"] if s["codec_type"] == "video")
-    assert stream["codec_name"] == "h264" and int(stream["nb_read_frames"]) == 5
+    # examples/speech.wav is 2.2855 s; the still image runs at the job's 5 fps.
+    assert stream["codec_name"] == "h264" and int(stream["nb_read_frames"]) == 11
     assert any(s["codec_type"] == "audio" for s in probe["streams"])
     assert list((tmp_path / "scratch").iterdir()) == []
 
