@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-from pathlib import Path
-from typing import Dict, Optional
+# Before anything can import torch: it reads this when it loads.
+from .device import enable_mps_fallback
 
-from tqdm import tqdm
+enable_mps_fallback()
 
-from .errors import LipSyncError
-from .options import MODELS, PARSING_MODES, EngineConfig
-from .schema import engine_field_names, parse_job
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Dict, Optional  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from .errors import LipSyncError  # noqa: E402
+from .options import MODELS, PARSING_MODES, EngineConfig  # noqa: E402
+from .schema import engine_field_names, parse_job  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,14 +1,41 @@
-"""Choosing the torch device a worker or a command runs its models on."""
+"""Choosing the torch device a worker or a command runs its models on.
+
+torch is imported only when a device is resolved, so a command can call
+:func:`enable_mps_fallback` first: torch reads that setting when it loads.
+"""
 
 from __future__ import annotations
 
-import torch
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
 
 from .errors import ErrorCode, LipSyncError
 
+if TYPE_CHECKING:
+    import torch
 
-def resolve_device(device: str = "auto") -> torch.device:
+logger = logging.getLogger(__name__)
+
+MPS_FALLBACK_ENV = "PYTORCH_ENABLE_MPS_FALLBACK"
+
+
+def enable_mps_fallback() -> None:
+    """Lets ops without an Apple MPS kernel run on the CPU instead of failing (unless the user set it to 0).
+
+    torch registers its MPS fallback once, when it is imported, so this must run
+    before that; a command calls it first thing.
+    """
+    os.environ.setdefault(MPS_FALLBACK_ENV, "1")
+    if "torch" in sys.modules:
+        logger.warning("%s was set after torch was imported; torch will not see it", MPS_FALLBACK_ENV)
+
+
+def resolve_device(device: str = "auto") -> "torch.device":
     """``auto`` picks CUDA, then Apple's MPS, then the CPU; an explicit choice must be available."""
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
