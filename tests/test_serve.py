@@ -293,7 +293,8 @@ def test_with_a_token_a_request_without_it_is_401(fixture_models, tmp_path):
         health = requests.get(f"{base}/health", headers={"Authorization": "Bearer s3cret-token"}, timeout=5)
         assert health.status_code in (200, 503) and health.json()["status"] in ("ok", "loading")
     finally:
-        process.terminate()
+        # Killed, not stopped: a graceful stop would wait for the models it is still loading.
+        process.kill()
         process.wait(timeout=60)
 
 
