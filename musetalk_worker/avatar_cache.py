@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 _TEMP_PREFIX = ".incoming-"
 SECRET_FILE = ".secret"
 # Bump when what a store holds, or how it is computed, changes.
-_KEY_VERSION = 2
+_KEY_VERSION = 3
 _ID = re.compile(AVATAR_ID_PATTERN)
 Entry = TypeVar("Entry")
 

@@ -29,6 +29,9 @@ LATENTSYNC_VERSIONS: Tuple[str, ...] = ("1.6", "1.5")
 # An avatar id as the avatar cache makes them (40 hex digits: 160 bits).
 AVATAR_ID_PATTERN = r"^[0-9a-f]{40}$"
 PARSING_MODES: Tuple[str, ...] = ("jaw", "raw", "neck")
+# Where restored pixels go: the whole blend mask, or only its mouth.
+RESTORE_REGIONS: Tuple[str, ...] = ("face", "mouth")
+RestoreRegion = Literal["face", "mouth"]
 
 # Inclusive ranges for the numeric options: (min, max).
 LIMITS = {
@@ -42,6 +45,7 @@ LIMITS = {
     "steps": (1, 100),
     "guidance": (1.0, 5.0),
     "seed": (0, 2**63 - 1),
+    "restore_weight": (0.0, 1.0),
 }
 
 # Per version: (extra_margin, parsing_mode) used when the job does not choose.
@@ -67,6 +71,12 @@ class MuseTalkOptions:
             CRF, or NVENC's constant-quality level on the same scale.
         boxes: precomputed face boxes (x1, y1, x2, y2), one per source frame or
             a single box for every frame; skips face detection.
+        restore: run GFPGAN v1.4 on the generated face (needs the ``gfpgan``
+            weights and landmarks, so not with ``boxes``).
+        restore_weight: how much of the restored face to take, 0 (none: the
+            frames of ``restore`` false) to 1.
+        restore_region: ``face`` (the whole blend mask) or ``mouth`` (only
+            around the mouth).
     """
 
     version: Version = "v15"
@@ -80,10 +90,22 @@ class MuseTalkOptions:
     fp16: bool = False
     crf: int = 18
     boxes: Optional[Sequence[Box]] = None
+    restore: bool = False
+    restore_weight: float = 0.7
+    restore_region: RestoreRegion = "face"
 
     def __post_init__(self) -> None:
         if self.version not in VERSIONS:
             _invalid("version", self.version, f"one of {', '.join(VERSIONS)}")
+        if self.restore_region not in RESTORE_REGIONS:
+            _invalid("restore_region", self.restore_region, f"one of {', '.join(RESTORE_REGIONS)}")
+        if self.restore and self.boxes is not None:
+            raise LipSyncError(
+                ErrorCode.INVALID_INPUT,
+                "'restore' cannot be used with 'boxes': aligning the face for restoration needs the landmarks "
+                "that face detection finds. Leave out 'boxes', or set 'restore' to false.",
+                stage="validate",
+            )
         if self.parsing_mode is not None and self.parsing_mode not in PARSING_MODES:
             _invalid("parsing_mode", self.parsing_mode, f"one of {', '.join(PARSING_MODES)}")
         _check_ranges(self)
@@ -208,6 +230,7 @@ class StreamOptions:
 
 
 HALF_DTYPES: Tuple[str, ...] = ("float16", "bfloat16")
+RESTORE_DTYPES: Tuple[str, ...] = ("float32", "bfloat16")
 VIDEO_CODECS: Tuple[str, ...] = ("auto", "libx264", "h264_nvenc")
 COMPILE_MODES: Tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
 
@@ -226,17 +249,28 @@ class Acceleration:
             at its first job for others).
         channels_last: keep the UNet and VAE decoder in channels-last memory
             format (CUDA only; ignored on other devices).
+        restore_dtype: what face restoration (GFPGAN) computes in, ``float32``
+            (default) or ``bfloat16``; never float16, whatever a job's ``fp16``.
+        restore_batch: faces per GFPGAN forward (about 0.7 GiB of activations
+            per face in float32).
     """
 
     half_dtype: str = "float16"
     compile: str = "off"
     channels_last: bool = False
+    restore_dtype: str = "float32"
+    restore_batch: int = 8
 
     def __post_init__(self) -> None:
         if self.half_dtype not in HALF_DTYPES:
             raise ValueError(f"half_dtype {self.half_dtype!r}: use one of {', '.join(HALF_DTYPES)}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile {self.compile!r}: use one of {', '.join(COMPILE_MODES)}")
+        if self.restore_dtype not in RESTORE_DTYPES:
+            raise ValueError(f"restore_dtype {self.restore_dtype!r}: use one of {', '.join(RESTORE_DTYPES)} "
+                             "(GFPGAN breaks in float16)")
+        if self.restore_batch < 1:
+            raise ValueError(f"restore_batch {self.restore_batch!r}: use a positive whole number")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +358,9 @@ class WorkerSettings:
             prepared sources are kept for later jobs (a network volume works).
         avatar_cache_bytes: ``MUSETALK_AVATAR_CACHE_GB``, 20 (GB): the cache's bound.
         acceleration: :class:`Acceleration` from ``MUSETALK_HALF_DTYPE`` (float16),
-            ``MUSETALK_COMPILE`` (off) and ``MUSETALK_CHANNELS_LAST`` (false).
+            ``MUSETALK_COMPILE`` (off), ``MUSETALK_CHANNELS_LAST`` (false),
+            ``MUSETALK_RESTORE_DTYPE`` (float32; or bfloat16) and
+            ``MUSETALK_RESTORE_BATCH`` (8).
         preload_models: ``MUSETALK_PRELOAD_MODELS``, ``musetalk``: the models
             (comma-separated, of ``MODELS``) loaded and warmed up at start and
             required by the fitness check; any other loads at its first job.
@@ -414,6 +450,8 @@ class WorkerSettings:
                 half_dtype=env.choice("MUSETALK_HALF_DTYPE", HALF_DTYPES, Acceleration.half_dtype),
                 compile=env.choice("MUSETALK_COMPILE", COMPILE_MODES, Acceleration.compile),
                 channels_last=env.flag("MUSETALK_CHANNELS_LAST"),
+                restore_dtype=env.choice("MUSETALK_RESTORE_DTYPE", RESTORE_DTYPES, Acceleration.restore_dtype),
+                restore_batch=int(env.number("MUSETALK_RESTORE_BATCH", Acceleration.restore_batch)),
             ),
             preload_models=env.choices("MUSETALK_PRELOAD_MODELS", MODELS, cls.preload_models),
         )

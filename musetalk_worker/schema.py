@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from .errors import ErrorCode, LipSyncError
 from .options import (
-    AVATAR_ID_PATTERN, ENGINE_OPTIONS, LATENTSYNC_VERSIONS, LIMITS, MODELS, PARSING_MODES, STREAM_FORMATS,
-    STREAM_LIMITS, VERSIONS, JobOptions, LatentSyncOptions, MuseTalkOptions, ParsingMode, StreamOptions,
+    AVATAR_ID_PATTERN, ENGINE_OPTIONS, LATENTSYNC_VERSIONS, LIMITS, MODELS, PARSING_MODES, RESTORE_REGIONS,
+    STREAM_FORMATS, STREAM_LIMITS, VERSIONS, JobOptions, LatentSyncOptions, MuseTalkOptions, ParsingMode,
+    RestoreRegion, StreamOptions,
 )
 
 _DEFAULTS = MuseTalkOptions()
@@ -134,6 +135,9 @@ class JobInput(BaseModel):
     guidance: float = _ranged("guidance", defaults=_LATENTSYNC)
     seed: int = _ranged("seed", defaults=_LATENTSYNC)
     deepcache: bool = _LATENTSYNC.deepcache
+    restore: bool = _DEFAULTS.restore
+    restore_weight: float = _ranged("restore_weight")
+    restore_region: RestoreRegion = _DEFAULTS.restore_region
     output: Optional[OutputSpec] = None
 
     @model_validator(mode="after")
@@ -213,6 +217,9 @@ _ALLOWED = {
     "version": "; ".join(f"for model {m}: {', '.join(v)}" for m, v in MODEL_VERSIONS.items()),
     "guidance": "a number from {} to {} (1.0: no guidance)".format(*LIMITS["guidance"]),
     "deepcache": "true or false",
+    "restore": "true or false",
+    "restore_weight": "a number from {} to {} (0: no change)".format(*LIMITS["restore_weight"]),
+    "restore_region": f"one of {', '.join(RESTORE_REGIONS)}",
     "parsing_mode": f"one of {', '.join(PARSING_MODES)}, or null for the version's default",
     "fps": "a number from {} to {}".format(*LIMITS["fps"]),
     "fp16": "true or false",

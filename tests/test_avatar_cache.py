@@ -26,7 +26,9 @@ def _store_with_frames(folder, count: int, seed: int = 0) -> SourceStore:
             store.add(frame)
         else:
             mask = BlendMask((2, 3, 12, 20), rng.integers(0, 255, (17, 10), dtype=np.uint8))
-            store.add(frame, mask, torch.from_numpy(rng.standard_normal((8, 32, 32)).astype(np.float32)))
+            # Frame 2's box was given, not detected: it has no alignment points.
+            points = None if i == 2 else rng.uniform(0, 30, (5, 2))
+            store.add(frame, mask, torch.from_numpy(rng.standard_normal((8, 32, 32)).astype(np.float32)), points)
     return store
 
 
@@ -41,6 +43,11 @@ def test_a_saved_store_reopens_identically(tmp_path):
         if store.box(i) is not None:
             assert torch.equal(reopened.latent(i), store.latent(i))
             np.testing.assert_array_equal(reopened.mask(i).alpha, store.mask(i).alpha)
+        if store.points(i) is None:
+            assert reopened.points(i) is None
+        else:  # exactly: the restored face is aligned the same on a cache hit
+            np.testing.assert_array_equal(reopened.points(i), store.points(i))
+    assert [store.points(i) is None for i in range(5)] == [False, True, True, True, False]
 
 
 @pytest.mark.parametrize("damage", ["flip_a_byte", "truncate"])

@@ -6,16 +6,25 @@ faces are resized and composited there, and one padded batch comes back. On a
 GPU nothing waits: the copy back is queued behind the composite, and
 :meth:`BlendedBatch.paste` (called on the encoder's thread) is the only place
 that waits for it.
+
+Optional face restoration (:meth:`FaceBlender.restore`) sits between the
+composite and the copy back: the composited face, in a window of its frame,
+goes through GFPGAN in the aligned square, and the restored pixels replace part
+of the generated face before the same integer blend. Without it nothing of
+that path runs, so the output is what it was before restoration existed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...restoration.network import FaceRestorer
+from ...restoration.warp import Placement, restore_regions
 from .boxes import Box, clip_box
 from .masks import BlendMask
 
@@ -50,6 +59,29 @@ class BlendedBatch:
         return frame
 
 
+@dataclasses.dataclass(frozen=True)
+class Composite:
+    """A batch of faces ready to blend on the device: int32, packed per frame from each region's top-left.
+
+    Attributes:
+        regions: per frame, the visible part of its face box (None: unchanged frame).
+        source: the source's pixels [B, rows, cols, 3].
+        alpha: the blend masks [B, rows, cols, 1], 0..255.
+        face: the generated faces resized to their boxes [B, rows, cols, 3], 0..255.
+    """
+
+    regions: List[Optional[Box]]
+    source: torch.Tensor
+    alpha: torch.Tensor
+    face: torch.Tensor
+
+    def pixels(self) -> torch.Tensor:
+        """The blended regions [B, rows, cols, 3] (uint8): ``(source * (255 - a) + face * a) / 255`` with
+        the rounding of PIL's masked paste."""
+        mixed = self.source * (255 - self.alpha) + self.face * self.alpha + 128
+        return (((mixed >> 8) + mixed) >> 8).to(torch.uint8)
+
+
 class FaceBlender:
     """Composites generated faces into source frames on ``device`` (GPU or CPU).
 
@@ -75,6 +107,20 @@ class FaceBlender:
     ) -> BlendedBatch:
         """Starts blending a batch; :meth:`BlendedBatch.paste` then puts each result into its frame.
 
+        The same as :meth:`finish` of :meth:`composite` (see there for the arguments).
+        """
+        return self.finish(self.composite(sources, faces, masks, width, height))
+
+    def composite(
+        self,
+        sources: Sequence[Optional[np.ndarray]],
+        faces: torch.Tensor,
+        masks: Sequence[Optional[BlendMask]],
+        width: int,
+        height: int,
+    ) -> Composite:
+        """Moves a batch's source regions and masks to the device and resizes its faces to their boxes.
+
         Args:
             sources: per frame, its pixels (BGR uint8) inside ``visible_part(mask.box)``;
                 None for a frame without a mask.
@@ -85,7 +131,8 @@ class FaceBlender:
         regions = [None if m is None else visible_part(m.box, width, height) for m in masks]
         present = [k for k, r in enumerate(regions) if r is not None]
         if not present:
-            return BlendedBatch(regions, torch.zeros(0, dtype=torch.uint8), None)
+            empty = torch.zeros((len(masks), 0, 0, 1), dtype=torch.int32, device=self.device)
+            return Composite(regions, empty, empty, empty)
         rows = max(regions[k][3] - regions[k][1] for k in present)
         cols = max(regions[k][2] - regions[k][0] for k in present)
         packed_sources = self._host((len(masks), rows, cols, 3))
@@ -103,14 +150,64 @@ class FaceBlender:
             resized[k, : y2 - y1, : x2 - x1] = part.to(torch.int32)
         source = packed_sources.to(self.device, non_blocking=True).to(torch.int32)
         alpha = packed_alphas.to(self.device, non_blocking=True).to(torch.int32)
-        mixed = source * (255 - alpha) + resized.clamp_(0, 255) * alpha + 128
-        back = self._host(mixed.shape)
-        back.copy_((((mixed >> 8) + mixed) >> 8).to(torch.uint8), non_blocking=True)
+        return Composite(regions, source, alpha, resized.clamp_(0, 255))
+
+    def restore(
+        self,
+        composite: Composite,
+        windows: Sequence[np.ndarray],
+        placements: Sequence[Placement],
+        restorer: FaceRestorer,
+        weight: float,
+        region: str,
+    ) -> Composite:
+        """The composite with part of each face replaced by its GFPGAN restoration.
+
+        The restorer sees the composited face in its window of the frame (what
+        the output would be without restoration); the restored pixels then
+        replace ``weight`` times the region weight (the aligned square, and
+        the mouth for ``region="mouth"``) of the generated face, and the blend
+        mask applies as before, so nothing outside the mask changes.
+
+        Args:
+            windows: per frame with a region (in order), the source's BGR pixels in its placement's window.
+            placements: per frame with a region, its alignment, window and region (the visible box).
+        """
+        present = [k for k, r in enumerate(composite.regions) if r is not None]
+        if not present:
+            return composite
+        rows, cols = composite.face.shape[1:3]
+        height = max(p.window[3] - p.window[1] for p in placements)
+        width = max(p.window[2] - p.window[0] for p in placements)
+        packed = self._host((len(present), height, width, 3))
+        host = packed.numpy()
+        for i, pixels in enumerate(windows):
+            host[i, : pixels.shape[0], : pixels.shape[1]] = pixels
+        window_pixels = packed.to(self.device, non_blocking=True)
+        blended = composite.pixels()
+        for i, (k, p) in enumerate(zip(present, placements)):
+            x1, y1, x2, y2 = p.region
+            ox, oy = x1 - p.window[0], y1 - p.window[1]
+            window_pixels[i, oy : oy + y2 - y1, ox : ox + x2 - x1] = blended[k, : y2 - y1, : x2 - x1]
+        restored, share = restore_regions(restorer, window_pixels, placements, rows, cols, region)
+        face = composite.face.clone()
+        generated = face[present].float()
+        mixed = generated + (weight * share) * (restored - generated)
+        face[present] = mixed.round_().clamp_(0, 255).to(torch.int32)
+        return dataclasses.replace(composite, face=face)
+
+    def finish(self, composite: Composite) -> BlendedBatch:
+        """Blends a composite and queues its copy back to the host."""
+        if all(r is None for r in composite.regions):
+            return BlendedBatch(composite.regions, torch.zeros(0, dtype=torch.uint8), None)
+        pixels = composite.pixels()
+        back = self._host(tuple(pixels.shape))
+        back.copy_(pixels, non_blocking=True)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return BlendedBatch(regions, back, ready)
+        return BlendedBatch(composite.regions, back, ready)
 
     def _host(self, shape: Tuple[int, ...]) -> torch.Tensor:
         # Pinned host memory lets the copies run asynchronously; torch caches

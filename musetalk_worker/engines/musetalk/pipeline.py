@@ -8,8 +8,9 @@ whatever the length:
    audio needs are decoded, unless an avatar cache is set: then the whole
    source is prepared once and later jobs with the same source skip this pass.
 2. **Generate** the output in batches: audio prompts + latents -> UNet -> VAE
-   decoder -> blend into the source frame -> ffmpeg, in ping-pong order over the
-   source frames until the audio ends.
+   decoder -> blend into the source frame (with ``restore``: GFPGAN on the
+   composited face, aligned by the source frame's smoothed landmarks) ->
+   ffmpeg, in ping-pong order over the source frames until the audio ends.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from ...errors import ErrorCode, LipSyncError
 from ...faces import FaceAnalyzer, load_face_analyzer
 from ...options import Acceleration, EngineConfig, MuseTalkOptions
 from ...overlap import BackgroundConsumer, Prefetcher
+from ...restoration.align import SMOOTH_RADIUS, AlignmentTrack, context_window
+from ...restoration.network import WEIGHTS as RESTORER_WEIGHTS
+from ...restoration.network import FaceRestorer, load_restorer, missing_weights
+from ...restoration.warp import Placement
 from ...timing import StageTimer
 from .audio import AudioEncoder, AudioPrompts
 from .blend import BlendedBatch, FaceBlender, visible_part
@@ -57,6 +62,8 @@ class MuseTalkPipeline:
     Build it with :meth:`from_models`. Float16 copies of the UNet and VAE are
     made the first time a job asks for ``fp16`` (or at load with
     ``fp16=True``) and kept, as is the UNet of the other version.
+    ``restorer`` is GFPGAN, loaded when the models folder has its weights
+    (None: jobs asking for ``restore`` are refused).
     """
 
     def __init__(
@@ -69,8 +76,10 @@ class MuseTalkPipeline:
         cache: Optional[AvatarCache] = None,
         acceleration: Acceleration = Acceleration(),
         video_codec: str = "libx264",
+        restorer: Optional[FaceRestorer] = None,
     ):
         self.models_dir = Path(models_dir)
+        self.restorer = restorer
         self.device = device
         self.faces = faces
         self.audio_encoder = audio_encoder
@@ -113,9 +122,13 @@ class MuseTalkPipeline:
         chosen = resolve_device(device)
         faces = load_face_analyzer(landmarks, models_dir, chosen)
         cache = AvatarCache(cache_dir, cache_max_bytes) if cache_dir is not None else None
+        # GFPGAN is optional: loaded when the image has its weights, else restore jobs are refused.
+        restorer = None
+        if (Path(models_dir) / RESTORER_WEIGHTS).is_file():
+            restorer = load_restorer(models_dir, chosen, acceleration.restore_dtype, acceleration.restore_batch)
         pipe = cls(
             models_dir, chosen, faces, load_audio_encoder(models_dir, chosen), load_face_parser(models_dir, chosen),
-            cache, acceleration, choose_video_codec(video_encoder),
+            cache, acceleration, choose_video_codec(video_encoder), restorer,
         )
         dtypes = [torch.float32]
         if chosen.type == "cuda" if fp16 is None else fp16:
@@ -135,12 +148,15 @@ class MuseTalkPipeline:
         )
 
     def warm_up(self, options: MuseTalkOptions = MuseTalkOptions()) -> None:
-        """Runs every loaded UNet and VAE decoder once on zeros, so the first job does not pay for
-        kernel set-up or, with ``torch.compile``, for compiling at ``options``' batch size."""
+        """Runs every loaded UNet and VAE decoder, and GFPGAN when loaded, once on zeros, so the first job
+        does not pay for kernel set-up or, with ``torch.compile``, for compiling at ``options``' batch size."""
         for version, dtype in list(self._unets):
             generator = self._generator(dataclasses.replace(options, version=version, fp16=dtype != torch.float32))
             size = generator.fixed_batch or 1
             generator.decode(generator.predict_latents(torch.zeros(size, 8, 32, 32), torch.zeros(size, 50, 384)))
+        if self.restorer is not None:
+            size = self.restorer.size
+            self.restorer(torch.zeros(1, 3, size, size, device=self.device))
 
     def __call__(
         self,
@@ -169,6 +185,8 @@ class MuseTalkPipeline:
                 avatar id the cache does not hold.
         """
         options = options.resolved()
+        if options.restore and self.restorer is None:
+            raise missing_weights(self.models_dir)
         report = progress or (lambda stage, done, total: None)
         timer = StageTimer(self.device)
         generator = self._generator(options)
@@ -200,6 +218,8 @@ class MuseTalkPipeline:
                 self._source(source_info, avatar, options, generator, len(prompts), Path(scratch), timer,
                              report) as (prepared, key):
             store = prepared.store
+            if options.restore and isinstance(prepared, Prepared):
+                _check_alignable(store)
             report("generate", 0, len(prompts))
             with VideoEncoder(Path(output), store.width, store.height, fps, audio_info.path, options.crf,
                               self.video_codec, hls=hls) as encoder:
@@ -275,8 +295,11 @@ class MuseTalkPipeline:
         """
         if self.cache is None:
             store = SourceStore(scratch, info.height, info.width)
+            # Restoration smooths each frame's alignment over the frames after it too: prepare those, so
+            # the video is the same as from a fully prepared (cached) source.
+            limit = needed + SMOOTH_RADIUS if options.restore else needed
             try:
-                with self._preparation(info, options, generator, store, needed, timer, report) as preparation:
+                with self._preparation(info, options, generator, store, limit, timer, report) as preparation:
                     yield preparation, None
             finally:
                 store.close()
@@ -350,7 +373,11 @@ class MuseTalkPipeline:
         total = len(prompts)
         store = source.store
         blender = FaceBlender(self.device)
-        with Prefetcher(_read_batches(source, total, options.batch_size, timer)) as batches, \
+        # A weight of 0 takes nothing of the restored face: skip the network, same frames as restore off.
+        track = None
+        if options.restore and options.restore_weight > 0:
+            track = AlignmentTrack(store.points, lambda: len(store))
+        with Prefetcher(_read_batches(source, total, options.batch_size, timer, track)) as batches, \
                 BackgroundConsumer(_frame_writer(store, encoder, timer)) as writer:
             for batch in batches:
                 blended = None
@@ -362,7 +389,13 @@ class MuseTalkPipeline:
                     with timer.device("vae_decode"):
                         faces = generator.decode(predicted)
                     with timer.device("blend"):
-                        blended = blender.blend(batch.pixels, faces, batch.masks, store.width, store.height)
+                        composite = blender.composite(batch.pixels, faces, batch.masks, store.width, store.height)
+                    if batch.placements is not None:
+                        with timer.device("restore"):
+                            composite = blender.restore(composite, batch.windows, batch.placements, self.restorer,
+                                                        options.restore_weight, options.restore_region)
+                    with timer.device("blend"):
+                        blended = blender.finish(composite)
                 writer.put(batch, blended)
                 report("generate", batch.start + len(batch.sources), total)
 
@@ -405,30 +438,60 @@ class _Batch:
     latents: Optional[torch.Tensor]  # [len(with_face), 8, 32, 32]
     masks: List[BlendMask]  # per position with a face
     pixels: List[np.ndarray]  # per position with a face: the source's pixels in the mask's visible box
+    # With restoration, per position with a face: its alignment, and the source's pixels in its window.
+    placements: Optional[List[Placement]] = None
+    windows: Optional[List[np.ndarray]] = None
 
 
-def _read_batches(source: Union[Preparation, Prepared], total: int, batch_size: int,
-                  timer: StageTimer) -> Iterator[_Batch]:
+def _read_batches(source: Union[Preparation, Prepared], total: int, batch_size: int, timer: StageTimer,
+                  track: Optional[AlignmentTrack] = None) -> Iterator[_Batch]:
     """The batches of ``total`` output frames, in ping-pong order over the source frames.
 
     Each batch first has its source frames prepared: output frame ``i`` is
     source frame ``i`` until the source is used up, so the store holding
-    ``i + 1`` frames (or the whole source) is all a batch needs.
+    ``i + 1`` frames (or the whole source) is all a batch needs; with
+    restoration (``track``), ``SMOOTH_RADIUS`` frames more, which the
+    smoothing of the alignment looks at.
     """
     store = source.store
     for start in range(0, total, batch_size):
         end = min(start + batch_size, total)
-        source.ensure(end)
+        source.ensure(end + (SMOOTH_RADIUS if track is not None else 0))
         with timer("read"):
             sources = [_ping_pong(i, len(store)) for i in range(start, end)]
             with_face = [k for k, j in enumerate(sources) if store.box(j) is not None]
             masks = [store.mask(sources[k]) for k in with_face]
-            pixels = [
-                store.pixels(sources[k], visible_part(mask.box, store.width, store.height))
-                for k, mask in zip(with_face, masks)
-            ]
+            regions = [visible_part(mask.box, store.width, store.height) for mask in masks]
             latents = torch.stack([store.latent(sources[k]) for k in with_face]) if with_face else None
-        yield _Batch(start, sources, with_face, latents, masks, pixels)
+            placements = windows = None
+            if track is None:
+                pixels = [store.pixels(sources[k], region) for k, region in zip(with_face, regions)]
+            else:
+                placements, windows, pixels = [], [], []
+                for k, region in zip(with_face, regions):
+                    matrix = track.matrix(sources[k])
+                    window = context_window(matrix, region, store.width, store.height)
+                    # The box lies inside the window: one read gives both.
+                    windows.append(store.pixels(sources[k], window))
+                    (x1, y1, x2, y2), (wx, wy) = region, window[:2]
+                    pixels.append(windows[-1][y1 - wy : y2 - wy, x1 - wx : x2 - wx])
+                    placements.append(Placement(matrix, window, region))
+        yield _Batch(start, sources, with_face, latents, masks, pixels, placements, windows)
+
+
+def _check_alignable(store: SourceStore) -> None:
+    """Refuses restoration of a prepared avatar whose faces have no landmarks (it was prepared with boxes).
+
+    Raises:
+        LipSyncError(invalid_input): a frame with a face has no alignment points.
+    """
+    if any(store.box(j) is not None and store.points(j) is None for j in range(len(store))):
+        raise LipSyncError(
+            ErrorCode.INVALID_INPUT,
+            "'restore' cannot be used with this 'avatar_id': it was prepared from given 'boxes', without the "
+            "landmarks that aligning the face needs. Send the 'source' without 'boxes', or set 'restore' to false.",
+            stage="validate",
+        )
 
 
 def _frame_writer(store: SourceStore, encoder: VideoEncoder, timer: StageTimer) -> Callable:

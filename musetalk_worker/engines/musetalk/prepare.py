@@ -1,4 +1,4 @@
-"""The prepare pass: face box, crop latents and blend mask of each source frame, into a store.
+"""The prepare pass: face box, crop latents, blend mask and alignment points of each source frame, into a store.
 
 Preparation runs batch by batch on demand (:meth:`Preparation.ensure`), so the
 generate pass can start as soon as the frames of its first batch are ready
@@ -10,7 +10,7 @@ order of demands, so the prepared data, and the video, do not depend on it.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from ...errors import ErrorCode, LipSyncError
 from ...faces import FaceAnalyzer
 from ...options import MuseTalkOptions
 from ...overlap import Prefetcher
+from ...restoration.align import five_points
 from ...timing import StageTimer
 from . import boxes as box_math
 from .latents import LatentEncoder, crop_face
@@ -106,10 +107,10 @@ class Preparation:
             )
 
     def _prepare_batch(self, batch: List[np.ndarray]) -> None:
-        """Face boxes, latents and blend masks of one batch of source frames, appended to the store."""
+        """Face boxes, latents, blend masks and alignment points of one batch of source frames, appended to the store."""
         timer = self._timer
         with timer("faces"):
-            face_boxes = self._face_boxes(batch, len(self.store))
+            face_boxes, points = self._face_boxes(batch, len(self.store))
         with_face = [i for i, b in enumerate(face_boxes) if b is not None]
         prepared = {}
         if with_face:
@@ -121,19 +122,24 @@ class Preparation:
             prepared = dict(zip(with_face, zip(made, latents)))
         for i, frame in enumerate(batch):
             mask, latent = prepared.get(i, (None, None))
-            self.store.add(frame, mask, latent)
+            self.store.add(frame, mask, latent, points[i] if mask is not None else None)
 
-    def _face_boxes(self, frames: List[np.ndarray], first: int) -> List[Optional[box_math.Box]]:
-        """Face boxes (extra margin applied) of a batch of frames; None where there is no face."""
+    def _face_boxes(self, frames: List[np.ndarray], first: int
+                    ) -> Tuple[List[Optional[box_math.Box]], List[Optional[np.ndarray]]]:
+        """Face boxes (extra margin applied) of a batch of frames, None where there is no face, and the
+        five alignment points of each detected face (None for given boxes: they come without landmarks)."""
         options = self._options
         height, width = frames[0].shape[:2]
         if options.boxes is not None:
             found = [_given_box(options.boxes, first + i, width, height) for i in range(len(frames))]
+            points: List[Optional[np.ndarray]] = [None] * len(frames)
         else:
+            detections = self._faces.detect(frames)
             found = [
                 None if d is None else box_math.face_box(d.landmarks, d.detector_box, options.bbox_shift)
-                for d in self._faces.detect(frames)
+                for d in detections
             ]
+            points = [None if d is None else five_points(d.landmarks) for d in detections]
         result = []
         for box in found:
             if box is not None:
@@ -142,7 +148,7 @@ class Preparation:
                 # A box with no pixels inside the frame cannot be cropped: treat as no face.
                 box = box if x2 > x1 and y2 > y1 else None
             result.append(box)
-        return result
+        return result, points
 
 
 class Prepared:

@@ -1,7 +1,7 @@
 """Per-source-frame data kept on disk between the two passes of a job.
 
-The first pass computes, for each source frame, its face box, VAE latents and
-blend mask; the second pass needs them (and the frame itself) again in
+The first pass computes, for each source frame, its face box, VAE latents,
+blend mask and the five alignment points of face restoration; the second pass needs them (and the frame itself) again in
 ping-pong order, possibly many times. Keeping them in memory would grow with
 the length of the source, so they go to one append-only data file and are
 read back with positioned reads (no memory map, so they never count as the
@@ -18,7 +18,7 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ LATENT_SHAPE = (8, 32, 32)
 _LATENT_BYTES = int(np.prod(LATENT_SHAPE)) * 4
 DATA_FILE = "source.bin"
 INDEX_FILE = "index.json"
-_FORMAT = 1
+# 2: entries carry the five alignment points (face restoration).
+_FORMAT = 2
 
 
 class CorruptStoreError(CorruptEntryError):
@@ -44,12 +45,15 @@ class _Entry:
     box: Optional[Box]
     latent_offset: int = -1
     mask_offset: int = -1
+    # The five points (x1, y1, ..., x5, y5) of restoration.align.five_points; None without landmarks.
+    points: Optional[Tuple[float, ...]] = None
 
 
 class SourceStore:
-    """Frames, boxes, latents and masks of one source, in a scratch file.
+    """Frames, boxes, latents, masks and alignment points of one source, in a scratch file.
 
-    A frame without a face has no box, latent or mask. ``meta`` is a small
+    A frame without a face has no box, latent or mask; one whose box was given
+    (not detected) has no points either. ``meta`` is a small
     JSON-serialisable dict saved with the index (what the source was).
     """
 
@@ -75,7 +79,8 @@ class SourceStore:
             index = json.loads((folder / INDEX_FILE).read_text())
             if index["format"] != _FORMAT:
                 raise CorruptStoreError(f"{folder} has store format {index['format']}, not {_FORMAT}")
-            entries = [_Entry(e[0], None if e[1] is None else tuple(e[1]), e[2], e[3]) for e in index["entries"]]
+            entries = [_Entry(e[0], None if e[1] is None else tuple(e[1]), e[2], e[3],
+                              None if e[4] is None else tuple(float(v) for v in e[4])) for e in index["entries"]]
             store = cls.__new__(cls)
             store.folder, store.height, store.width = folder, int(index["height"]), int(index["width"])
             store._frame_bytes = store.height * store.width * 3
@@ -96,7 +101,7 @@ class SourceStore:
         index = {
             "format": _FORMAT, "height": self.height, "width": self.width, "size": self._size,
             "crc32": self._crc32(), "meta": self.meta,
-            "entries": [[e.frame_offset, e.box, e.latent_offset, e.mask_offset] for e in self._entries],
+            "entries": [[e.frame_offset, e.box, e.latent_offset, e.mask_offset, e.points] for e in self._entries],
         }
         (self.folder / INDEX_FILE).write_text(json.dumps(index))
 
@@ -108,19 +113,26 @@ class SourceStore:
         """Number of frames with a face."""
         return sum(e.box is not None for e in self._entries)
 
-    def add(self, frame: np.ndarray, mask: Optional[BlendMask] = None, latent: Optional[torch.Tensor] = None) -> None:
-        """Stores one source frame, with its blend mask and latents when it has a face."""
+    def add(self, frame: np.ndarray, mask: Optional[BlendMask] = None, latent: Optional[torch.Tensor] = None,
+            points: Optional[np.ndarray] = None) -> None:
+        """Stores one source frame, with its blend mask, latents and five alignment points when it has a face."""
         frame_offset = self._append(np.ascontiguousarray(frame, np.uint8).tobytes())
         if mask is None:
             self._entries.append(_Entry(frame_offset, None))
             return
         latent_offset = self._append(latent.to(torch.float32).contiguous().numpy().tobytes())
         mask_offset = self._append(np.ascontiguousarray(mask.alpha, np.uint8).tobytes())
-        self._entries.append(_Entry(frame_offset, tuple(mask.box), latent_offset, mask_offset))
+        kept = None if points is None else tuple(float(v) for v in np.asarray(points, np.float64).ravel())
+        self._entries.append(_Entry(frame_offset, tuple(mask.box), latent_offset, mask_offset, kept))
 
     def box(self, index: int) -> Optional[Box]:
         """The face box (extra margin applied) of a source frame, or None."""
         return self._entries[index].box
+
+    def points(self, index: int) -> Optional[np.ndarray]:
+        """The five alignment points (5, 2) of a frame with detected landmarks, else None."""
+        points = self._entries[index].points
+        return None if points is None else np.array(points, np.float64).reshape(5, 2)
 
     def frame(self, index: int) -> np.ndarray:
         """The BGR source frame."""
