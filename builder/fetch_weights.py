@@ -6,6 +6,8 @@
     python -m builder.fetch_weights --dest /models --convert-unet        # also write the UNets as safetensors
     python -m builder.fetch_weights --dest /models --components default,latentsync-1.6 \
         --convert-unet latentsync-1.6 --remove-converted-sources         # LatentSync as fp16 safetensors only
+    python -m builder.fetch_weights --dest /models --components default,gfpgan \
+        --convert-unet gfpgan --remove-converted-sources                 # GFPGAN (face restoration) as safetensors
 
 Hugging Face files are resolved by huggingface_hub at the pinned commit (a HEAD
 on ``{HF_ENDPOINT}/{repo}/resolve/{commit}/{path}``, whose answer must name that
@@ -538,7 +540,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, Fetc
     parser.add_argument("--convert-unet", nargs="?", const="all", default="", metavar="COMPONENTS",
                         help="also write the UNets of these components (comma-separated; 'all' when no value is "
                              "given) as safetensors, e.g. musetalkV15/unet.safetensors, and record their hashes; "
-                             "LatentSync's are cast to fp16 (latentsync-*/latentsync_unet.safetensors)")
+                             "LatentSync's are cast to fp16 (latentsync-*/latentsync_unet.safetensors); gfpgan's "
+                             "params_ema becomes gfpgan/GFPGANv1.4.safetensors, which the worker loads")
     parser.add_argument("--remove-converted-sources", action="store_true",
                         help="with --convert-unet: delete each converted UNet's .pth/.pt once its conversion is "
                              "recorded")

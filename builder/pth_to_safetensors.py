@@ -10,8 +10,10 @@ tensor; the output is the same bytes for the same input, so its hash is stable.
 
 The checkpoint is either the state dict itself (MuseTalk's ``unet.pth``) or a
 training checkpoint that holds it under ``state_dict`` beside plain numbers
-(LatentSync's ``{"state_dict": ..., "global_step": ...}``); only the state dict
-is written. Keys and shapes are kept exactly, and dtypes too unless a cast is
+(LatentSync's ``{"state_dict": ..., "global_step": ...}``) or under
+``params_ema`` (BasicSR's layout: GFPGAN's ``{"params_ema": ...}``, possibly
+beside the non-averaged ``params``, which is dropped, as ``GFPGANer`` loads
+``params_ema``); only the state dict is written. Keys and shapes are kept exactly, and dtypes too unless a cast is
 asked for: ``cast_to="F16"`` rounds every float32 tensor to float16 (IEEE
 round-to-nearest-even, overflow to infinity: the bits ``tensor.half()`` gives,
 NaN payloads aside). The cast uses numpy, because the standard library's only
@@ -56,6 +58,9 @@ _CASTS: Dict[Tuple[str, str], Tuple[str, str]] = {("F16", "F32"): ("<f4", "<f2")
 _COPY_CHUNK = 16 << 20
 # What a training checkpoint may hold beside its state dict.
 _PLAIN = (int, float, str, bool, type(None))
+# Where a training checkpoint keeps its state dict, and what else it may hold that is not written
+# (BasicSR's non-averaged weights beside the EMA ones the model is used with).
+_NESTED = {"state_dict": (), "params_ema": ("params",)}
 
 
 class ConversionError(ValueError):
@@ -142,7 +147,8 @@ def read_state_dict(archive: zipfile.ZipFile) -> Tuple[str, Dict[str, _TensorRef
     """The archive's folder prefix and its tensors by key, read without building tensors.
 
     A checkpoint of the form ``{"state_dict": {...}, "global_step": n}`` gives
-    the tensors of its ``state_dict``.
+    the tensors of its ``state_dict``; ``{"params_ema": {...}}`` those of its
+    ``params_ema``.
     """
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
@@ -154,14 +160,15 @@ def read_state_dict(archive: zipfile.ZipFile) -> Tuple[str, Dict[str, _TensorRef
             raise ConversionError(f"the checkpoint is {order}-endian; safetensors is little-endian")
     with archive.open(pickles[0]) as f:
         obj = _StateDictUnpickler(f).load()
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        others = {key: value for key, value in obj.items() if key != "state_dict"}
+    nested = next((k for k in _NESTED if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping)), None)
+    if nested is not None:
+        others = {key: value for key, value in obj.items() if key != nested and key not in _NESTED[nested]}
         if not all(isinstance(value, _PLAIN) for value in others.values()):
             raise ConversionError(
                 f"the checkpoint holds more than a state dict and plain numbers beside it ({', '.join(others)}); "
                 "only the state dict of a training checkpoint can be converted"
             )
-        obj = obj["state_dict"]
+        obj = obj[nested]
     if not isinstance(obj, Mapping) or not obj:
         raise ConversionError("the checkpoint is not a non-empty dict of tensors")
     for key, value in obj.items():

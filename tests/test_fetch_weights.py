@@ -682,3 +682,25 @@ def test_an_unknown_component_to_convert_is_a_usage_error(tmp_path, url_lock):
     result = run_fetch(tmp_path, "--lock", str(url_lock), "--dest", str(tmp_path / "m"), "--convert-unet", "v16")
     assert result.returncode == 2
     assert "unknown component(s) v16" in result.stderr
+
+
+def test_a_gfpgan_checkpoint_converts_its_params_ema_and_the_lock_names_the_conversion(tmp_path):
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from builder.pth_to_safetensors import ConversionError, convert
+
+    ema = {"toRGB.0.weight": torch.randn(3, 4), "noises.noise0": torch.randn(1, 1, 4, 4)}
+    src = tmp_path / "GFPGANv1.4.pth"
+    # BasicSR's layout: the EMA weights the model is used with, and maybe the non-averaged ones beside them.
+    torch.save({"params_ema": ema, "params": {k: v + 1 for k, v in ema.items()}}, src)
+    written = safetensors_torch.load_file(convert(src, tmp_path / "out.safetensors", {}).path)
+    assert set(written) == set(ema) and all(torch.equal(written[k], v) for k, v in ema.items())
+
+    torch.save({"params_ema": ema, "optimizer": {"exp_avg": torch.zeros(2)}}, src)
+    with pytest.raises(ConversionError, match=r"more than a state dict .*\(optimizer\)"):
+        convert(src, tmp_path / "refused.safetensors", {})
+
+    entry = load_lock().components["gfpgan"].files[0]
+    assert (entry.path, entry.converted_path, entry.converted_dtype) == (
+        "gfpgan/GFPGANv1.4.pth", "gfpgan/GFPGANv1.4.safetensors", None)
+    assert "gfpgan" not in load_lock().default_components  # optional: the image holds it only when asked
