@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from musetalk_worker.engines.musetalk.latents import LatentEncoder
-from musetalk_worker.engines.musetalk.models import load_unet, load_vae
+from musetalk_worker.engines.musetalk.models import load_audio_encoder, load_unet, load_vae
 from musetalk_worker.errors import LipSyncError
 from musetalk_worker.faces import FaceDetection
 from musetalk_worker.train import adapter as adapters
@@ -81,8 +80,6 @@ def test_prepare_writes_shards_reports_faceless_frames_and_resumes(tiny_models, 
     _write_video(videos / "more" / "empty.mp4", grey, media_dir / "eng.wav")
     (videos / "notes.txt").write_text("not a video")
     vae = load_vae(tiny_models, CPU, torch.float32)
-    from musetalk_worker.engines.musetalk.models import load_audio_encoder
-
     preparer = DatasetPreparer(_Faces(), vae, load_audio_encoder(tiny_models, CPU), PrepareOptions(shard_frames=2))
     cache = tmp_path / "cache"
     manifest = preparer.run(videos, cache, progress=False)
