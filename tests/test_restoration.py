@@ -8,7 +8,10 @@ release's layout, converted as the image's build converts it.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +176,46 @@ def test_weights_with_other_tensors_are_models_missing(tmp_path):
     assert error.value.code == ErrorCode.MODELS_MISSING and "not GFPGAN v1.4" in str(error.value)
     with pytest.raises(ValueError, match="never float16"):
         load_restorer(tmp_path, torch.device("cpu"), dtype="float16")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gfpgan") is None,
+                    reason="the reference `gfpgan` package is not installed; it is a test-only oracle: "
+                           "pip install --no-deps --no-build-isolation basicsr==1.4.2 gfpgan==1.3.8 facexlib==0.3.0 "
+                           "addict future lmdb yapf filterpy (see ../shared/docs/restoration.md section 7)")
+def test_the_scaling_is_gfpganers_on_an_aligned_face(tmp_path, monkeypatch):
+    # basicsr imports a torchvision module that torchvision 0.17 removed; give it the function it wants.
+    shim = types.ModuleType("torchvision.transforms.functional_tensor")
+    from torchvision.transforms.functional import rgb_to_grayscale
+
+    shim.rgb_to_grayscale = rgb_to_grayscale
+    monkeypatch.setitem(sys.modules, "torchvision.transforms.functional_tensor", shim)
+    from facexlib.utils.face_restoration_helper import FaceRestoreHelper
+    from gfpgan import GFPGANer
+
+    # GFPGANer builds a face detector and parser (downloading their weights); an aligned face needs neither.
+    helper = sys.modules[FaceRestoreHelper.__module__]
+    monkeypatch.setattr(helper, "init_detection_model", lambda *args, **kwargs: torch.nn.Identity())
+    monkeypatch.setattr(helper, "init_parsing_model", lambda *args, **kwargs: torch.nn.Identity())
+    torch.manual_seed(0)
+    state = GFPGAN().state_dict()
+    with torch.no_grad():  # non-zero noise gains, as trained weights have, so fixed noise matters
+        for name in state:
+            if name.startswith("stylegan_decoder.style_conv") and name.endswith(".weight") and state[name].numel() == 1:
+                state[name].fill_(0.1)
+    torch.save({"params_ema": state}, tmp_path / "GFPGANv1.4.pth")
+    reference = GFPGANer(model_path=str(tmp_path / "GFPGANv1.4.pth"), upscale=1, arch="clean", channel_multiplier=2,
+                         device=torch.device("cpu"))
+    forward = reference.gfpgan.forward
+    # Upstream draws fresh noise per call; with the fixed noise it is the recipe the worker follows.
+    reference.gfpgan.forward = lambda *args, **kwargs: forward(*args, **{**kwargs, "randomize_noise": False})
+    face = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)  # BGR, as cv2 reads
+    expected = reference.enhance(face, has_aligned=True, paste_back=False)[1][0]
+
+    net = GFPGAN().eval()
+    net.load_state_dict(state, strict=True)
+    ours = FaceRestorer(net)(torch.from_numpy(face[:, :, ::-1].copy()).permute(2, 0, 1)[None].float())
+    got = ours[0].round().to(torch.uint8).permute(1, 2, 0).numpy()[:, :, ::-1]
+    assert int((got != expected).sum()) == 0
 
 
 # --------------------------------------------------------------------------- #
