@@ -210,3 +210,25 @@ def test_stream_limits_come_from_the_options():
         constraints = {type(m).__name__: m for m in StreamSpec.model_fields[name].metadata}
         assert constraints["Ge"].ge == low and constraints["Le"].le == high, name
     assert {f.name for f in dataclasses.fields(StreamOptions)} == set(StreamSpec.model_fields)
+
+
+def test_restore_options_are_checked_and_refused_where_they_cannot_work():
+    base = {"source": "https://example.com/a.mp4", "audio": "https://example.com/a.wav"}
+    job = parse_job({**base, "restore": True, "restore_weight": 1, "restore_region": "mouth"})
+    assert job.engine_options() == MuseTalkOptions(restore=True, restore_weight=1.0, restore_region="mouth")
+    assert parse_job(base).engine_options().restore is False
+    assert "'restore_weight' is 1.2; it must be a number from 0.0 to 1.0" in _error({**base, "restore_weight": 1.2})
+    assert "'restore_region' is 'eyes'; it must be one of face, mouth" in _error({**base, "restore_region": "eyes"})
+    assert "'restore' is 'yes'; it must be true or false" in _error({**base, "restore": "yes"})
+    # LatentSync does not take them (yet): refused by name, as any other model's option.
+    refused = _error({**base, "model": "latentsync", "restore": True})
+    assert "'restore' is not an option of model 'latentsync' (only of 'musetalk')" in refused
+    assert "'restore' cannot be used with 'boxes'" in _error({**base, "restore": True, "boxes": [[0, 0, 10, 10]]})
+
+
+def test_restore_dtype_and_batch_come_from_the_environment():
+    settings = WorkerSettings.from_env({"MUSETALK_RESTORE_DTYPE": "bfloat16", "MUSETALK_RESTORE_BATCH": "4"})
+    assert (settings.acceleration.restore_dtype, settings.acceleration.restore_batch) == ("bfloat16", 4)
+    assert WorkerSettings.from_env({}).acceleration.restore_dtype == "float32"
+    with pytest.raises(ValueError, match="MUSETALK_RESTORE_DTYPE"):
+        WorkerSettings.from_env({"MUSETALK_RESTORE_DTYPE": "float16"})
