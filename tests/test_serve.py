@@ -211,7 +211,7 @@ def _request_bytes(server: Server, files: dict, data: dict) -> bytes:
     opened = {name: (Path(path).name, Path(path).read_bytes()) for name, path in files.items()}
     prepared = requests.Request("POST", f"{server.base}/generate", files=opened, data=data).prepare()
     host = server.base.removeprefix("http://")
-    head = [f"POST /generate HTTP/1.1", f"Host: {host}", f"Content-Type: {prepared.headers['Content-Type']}",
+    head = ["POST /generate HTTP/1.1", f"Host: {host}", f"Content-Type: {prepared.headers['Content-Type']}",
             f"Content-Length: {len(prepared.body)}", "", ""]
     return "\r\n".join(head).encode() + prepared.body
 

@@ -79,6 +79,6 @@ def test_an_unknown_option_is_refused(tmp_path):
 
 
 def test_the_script_defines_functions_only_when_sourced():
-    out = subprocess.run([shutil.which("bash"), "-c", f"source {ROOT / 'scripts/setup.sh'}; wants_openmmlab; "
-                          "wants_openmmlab --no-openmmlab"], capture_output=True, text=True, timeout=30)
+    script = f"source {ROOT / 'scripts/setup.sh'}; wants_openmmlab; wants_openmmlab --no-openmmlab"
+    out = subprocess.run([shutil.which("bash"), "-c", script], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.split() == ["1", "0"]
