@@ -79,6 +79,8 @@ main() {
 
   "${pip[@]}" -r requirements/torch.txt
   "${pip[@]}" -r requirements/worker.txt
+  # Fine-tuning (python -m musetalk_worker.train): peft and accelerate.
+  "${pip[@]}" -r requirements/train.txt
   if [ "$(wants_openmmlab "$openmmlab_choice")" = 1 ]; then
     install_openmmlab "$py" "${pip[@]}"
   else
