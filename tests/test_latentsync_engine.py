@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +250,41 @@ def test_handler_serves_both_models(both_models, clips, tmp_path):
         server.terminate()
         server.communicate(timeout=30)
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_the_local_http_api_serves_latentsync(both_models, clips, tmp_path):
+    """``python -m musetalk_worker.serve`` takes LatentSync's options as form strings, typed by the job schema."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MUSETALK_", "BUCKET_", "RUNPOD_"))}
+    env.update(MUSETALK_WEIGHTS_LOCK="none", MUSETALK_TEMP_DIR=str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    server = subprocess.Popen([sys.executable, "-m", "musetalk_worker.serve", "--models", str(both_models),
+                               "--landmarks", "dlib", "--device", "cpu", "--port", str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while not _answers(f"{base}/health"):
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not get ready"
+            time.sleep(0.5)
+        files = {name: (clips[key].name, clips[key].read_bytes())
+                 for name, key in (("source", "face30.mp4"), ("audio", "speech.wav"))}
+        done = requests.post(f"{base}/generate", files=files, timeout=300,
+                             data={"model": "latentsync", "steps": "1", "guidance": "1.0", "seed": "3"})
+        assert done.status_code == 200, done.text
+        result = json.loads(done.headers["X-Lipsync-Result"])
+        assert (result["model"], result["frames"], result["fps_fraction"]) == ("latentsync", 18, "25/1")
+        refused = requests.post(f"{base}/generate", files=files, timeout=60,
+                                data={"model": "latentsync", "bbox_shift": "3"})
+        assert refused.status_code == 422
+        assert "'bbox_shift' is not an option of model 'latentsync'" in refused.json()["error"]
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
