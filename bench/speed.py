@@ -28,6 +28,14 @@ small random weights of the real architecture), ``--steps`` DDIM steps (20),
 audio, whatever ``--fps`` the synthetic source has::
 
     python -m bench.speed --model latentsync --device cpu --dtypes fp32 --seconds 2 --steps 2
+
+``--restore`` runs every MuseTalk configuration twice, without and with face
+restoration (GFPGAN v1.4, random weights of the real 512 px network, added to
+the models folder as the image's build converts it; bf16 configurations
+restore in bfloat16, the others in float32): the ``restore`` row is the added
+device time, and the end-to-end rows show what it costs the job::
+
+    python -m bench.speed --device cpu --dtypes fp32 --batch-sizes 4 --seconds 2 --fps 5 --restore
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ STAGES = (
     ("vae_decode", "VAE decode", "output"),
     ("read", "read (source frames, latents, masks from the store)", "output"),
     ("blend", "blend: resize + composite (on the device)", "output"),
+    ("restore", "restore: GFPGAN v1.4 + warps in and out (on the device)", "output"),
     ("paste", "paste blended regions into frames (host)", "output"),
     ("encode", "encode (ffmpeg; the codec is in the header)", "output"),
     ("cache", "avatar cache (hash, save, load)", "source"),
@@ -94,15 +103,15 @@ def latentsync_fixture_models() -> Path:
 
 
 def engine_options(model: str, *, batch_size: int = 8, fp16: bool = False, steps: int = 20, guidance: float = 1.5,
-                   deepcache: bool = True):
-    """The job options of ``model`` for a measured job: MuseTalk's batch size, or LatentSync's steps, guidance,
-    DeepCache (its seed the default, so runs compare)."""
+                   deepcache: bool = True, restore: bool = False):
+    """The job options of ``model`` for a measured job: MuseTalk's batch size and face restoration, or
+    LatentSync's steps, guidance, DeepCache (its seed the default, so runs compare)."""
     from musetalk_worker import MuseTalkOptions
     from musetalk_worker.options import LatentSyncOptions
 
     if model == "latentsync":
         return LatentSyncOptions(steps=steps, guidance=guidance, deepcache=deepcache, fp16=fp16)
-    return MuseTalkOptions(batch_size=batch_size, fp16=fp16)
+    return MuseTalkOptions(batch_size=batch_size, fp16=fp16, restore=restore)
 
 
 def load_bench_engine(model: str, models: Path, *, device: str = "cpu", landmarks: str = "dlib", fp16: bool = False,
@@ -151,10 +160,12 @@ class Config:
     steps: int = 20
     guidance: float = 1.5
     deepcache: bool = True
+    restore: bool = False
 
     @property
     def label(self) -> str:
         extras = ("" if self.compile == "off" else f" compile={self.compile}") + (" NHWC" if self.channels_last else "")
+        extras += " restore" if self.restore else ""
         if self.model == "latentsync":
             return (f"{self.dtype} {self.steps} steps g{self.guidance:g}{'' if self.deepcache else ' no DeepCache'}"
                     f"{extras}")
@@ -171,8 +182,10 @@ def run_one(config: Config) -> Dict[str, object]:
     if config.threads:
         torch.set_num_threads(config.threads)
     fp16 = config.dtype in HALF_DTYPES
+    # GFPGAN never computes in float16: bf16 rows restore in bfloat16, the others in float32.
     acceleration = Acceleration(half_dtype=HALF_DTYPES.get(config.dtype, "float16"), compile=config.compile,
-                                channels_last=config.channels_last)
+                                channels_last=config.channels_last,
+                                restore_dtype="bfloat16" if config.dtype == "bf16" else "float32")
     report: Dict[str, object] = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as scratch:
         cache_dir = Path(scratch) / "avatar-cache" if config.repeat_with_cache else None
@@ -182,7 +195,7 @@ def run_one(config: Config) -> Dict[str, object]:
                                      landmarks=config.landmarks, cache_dir=cache_dir, acceleration=acceleration)
             report["load_s"] = time.perf_counter() - started
             options = engine_options(config.model, batch_size=config.batch_size, fp16=fp16, steps=config.steps,
-                                     guidance=config.guidance, deepcache=config.deepcache)
+                                     guidance=config.guidance, deepcache=config.deepcache, restore=config.restore)
             started = time.perf_counter()
             warm_up(config.model, pipe, options)
             report["warm_up_s"] = time.perf_counter() - started
@@ -392,6 +405,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--guidance", type=float, default=1.5, help="latentsync: guidance scale (default 1.5)")
     parser.add_argument("--no-deepcache", dest="deepcache", action="store_false",
                         help="latentsync: run every step's whole UNet (default: DeepCache)")
+    parser.add_argument("--restore", action="store_true",
+                        help="musetalk: run each configuration without and with face restoration (GFPGAN v1.4, "
+                             "random weights)")
     args = parse_args(parser, argv)
 
     if args.run_one:
@@ -403,6 +419,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.model == "latentsync":
         if args.repeat_with_cache:
             parser.error("--repeat-with-cache is MuseTalk's: LatentSync has no avatar cache")
+        if args.restore:
+            parser.error("--restore is MuseTalk's: LatentSync refuses the restore option")
         # One configuration per dtype (and compile mode): LatentSync's chunk is fixed.
         args.batch_sizes = [LATENTSYNC_CHUNK]
     unknown = sorted(set(args.dtypes) - {"fp32", *HALF_DTYPES})
@@ -414,6 +432,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     host, engine = machine(), engine_version()
     with tempfile.TemporaryDirectory(prefix="bench-speed-media-") as scratch:
         models, models_text = _models(args)
+        if args.restore:
+            models = with_random_gfpgan(models, Path(scratch) / "models-with-gfpgan")
+            models_text += "; plus GFPGAN v1.4 with random weights (seed 0), converted as the build does"
         if args.source is None:
             from .media import make_job_media
 
@@ -425,10 +446,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             source, audio = args.source.resolve(), args.audio.resolve()
             media_text = f"{source} + {audio}"
         reports = []
-        for dtype, batch_size, mode in itertools.product(args.dtypes, args.batch_sizes, args.compile):
+        restores = (False, True) if args.restore else (False,)
+        for dtype, batch_size, mode, restore in itertools.product(args.dtypes, args.batch_sizes, args.compile,
+                                                                  restores):
             config = Config(str(models), str(source), str(audio), args.device, dtype, batch_size,
                             args.landmarks, args.threads, args.repeat_with_cache, mode, args.channels_last,
-                            args.model, args.steps, args.guidance, args.deepcache)
+                            args.model, args.steps, args.guidance, args.deepcache, restore)
             reports.append(measure(config, args.timeout))
     device = next((r for r in reports if r.get("device")), {})
     device_text = device.get("gpu") or device.get("device") or args.device
@@ -443,6 +466,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     if failed:
         logger.error("failed: %s", ", ".join(failed))
     return 1 if failed else 0
+
+
+def with_random_gfpgan(models: Path, dest: Path) -> Path:
+    """A folder with every entry of ``models`` (linked) plus GFPGAN v1.4 with seeded random weights, written as
+    the release's ``{"params_ema": ...}`` and converted to safetensors by the build's converter."""
+    import torch
+    from spandrel.architectures.GFPGAN import GFPGAN
+
+    from builder.pth_to_safetensors import convert
+    from musetalk_worker.restoration.network import WEIGHTS
+
+    dest.mkdir(parents=True)
+    target = dest / WEIGHTS
+    for item in models.iterdir():
+        if item.name != target.parent.name:  # a folder's own GFPGAN is not what the bench measures
+            (dest / item.name).symlink_to(item)
+    target.parent.mkdir()
+    torch.manual_seed(0)
+    release = target.with_suffix(".pth")
+    torch.save({"params_ema": GFPGAN().state_dict()}, release)
+    convert(release, target, {})
+    release.unlink()
+    return dest
 
 
 def _models(args: argparse.Namespace) -> tuple:
