@@ -29,6 +29,8 @@ ARG WEIGHT_COMPONENTS=default
 # 1: store the UNet as musetalkV15/unet.safetensors (recorded hash) instead of unet.pth.
 # LatentSync's UNets are always stored as float16 latentsync_unet.safetensors (what the
 # engine computes in on the GPU): 2.5 GB instead of the 5 GB float32 latentsync_unet.pt.
+# GFPGAN (when asked for) is stored as gfpgan/GFPGANv1.4.safetensors (its params_ema), so
+# the worker never unpickles it.
 ARG CONVERT_UNET=0
 # Mirrors for mirrored or air-gapped builds (see README.md (The image)).
 ARG HF_ENDPOINT=https://huggingface.co
@@ -37,7 +39,7 @@ ARG WEIGHTS_URL_MIRROR=
 # mounted for this step alone and never stored in a layer.
 RUN --mount=type=secret,id=hf_token,required=false \
     set -eu; \
-    convert=latentsync-1.6,latentsync-1.5; \
+    convert=latentsync-1.6,latentsync-1.5,gfpgan; \
     if [ "$CONVERT_UNET" = 1 ]; then convert="$convert,v15"; fi; \
     HF_TOKEN_PATH=/run/secrets/hf_token python -m builder.fetch_weights --lock weights.lock.json --dest /models \
         --components "$WEIGHT_COMPONENTS" --convert-unet "$convert" --remove-converted-sources \

@@ -16,7 +16,7 @@ from typing import Dict, Optional  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from .errors import LipSyncError  # noqa: E402
-from .options import MODELS, PARSING_MODES, EngineConfig  # noqa: E402
+from .options import MODELS, PARSING_MODES, RESTORE_REGIONS, EngineConfig  # noqa: E402
 from .schema import engine_field_names, parse_job  # noqa: E402
 
 
@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     musetalk.add_argument("--left-cheek-width", type=int, help="(90)")
     musetalk.add_argument("--right-cheek-width", type=int, help="(90)")
     musetalk.add_argument("--fps", type=float, help="frame rate for a still image source (25)")
+    musetalk.add_argument("--restore", action="store_true", default=None,
+                          help="GFPGAN v1.4 face restoration of the generated face (needs the gfpgan weights)")
+    musetalk.add_argument("--restore-weight", type=float, help="how much of the restored face, 0 to 1 (0.7)")
+    musetalk.add_argument("--restore-region", choices=RESTORE_REGIONS,
+                          help="face (the blend mask, default) or mouth")
     latentsync = p.add_argument_group("latentsync options")
     latentsync.add_argument("--steps", type=int, help="DDIM steps (20)")
     latentsync.add_argument("--guidance", type=float, help="guidance scale, 1.0 = none (1.5)")

@@ -270,7 +270,7 @@ def _weights_problem(settings: WorkerSettings) -> Optional[str]:
     """What is missing or wrong in the models folder against the lock, or None (also when not checked).
 
     MuseTalk's files must all be there when it is preloaded; each LatentSync
-    version is optional, and checked in full when any of its files is there.
+    version and GFPGAN are optional, and checked in full when any of their files is there.
     """
     if settings.weights_lock is None:
         return None
@@ -279,8 +279,9 @@ def _weights_problem(settings: WorkerSettings) -> Optional[str]:
         components += ["v15", "vae", "whisper", "face_parsing"]
         if settings.landmarks == "dwpose":
             components += ["dwpose", "s3fd"]
-    # A lock without LatentSync (a custom one) offers no LatentSync version to check.
-    optional = [name for name in (f"latentsync-{v}" for v in LATENTSYNC_VERSIONS)
+    # Optional models (LatentSync's versions, GFPGAN) are checked when the image has them; a lock
+    # without one (a custom lock) offers nothing to check.
+    optional = [name for name in (*(f"latentsync-{v}" for v in LATENTSYNC_VERSIONS), "gfpgan")
                 if name in load_lock(settings.weights_lock).components]
     components += present_components(settings.models_dir, settings.weights_lock, optional)
     report = verify_models(settings.models_dir, settings.weights_lock, components, settings.verify_weight_hashes)
