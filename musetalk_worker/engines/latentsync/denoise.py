@@ -58,7 +58,6 @@ class Conditions:
     """What one chunk of ``f`` faces conditions the UNet on; latents are ``(1, c, f, l, l)``, scaled."""
 
     reference_pixels: torch.Tensor  # (f, 3, r, r) float32 in [-1, 1]
-    masked_pixels: torch.Tensor  # (f, 3, r, r) float64, the mouth zeroed
     mask: torch.Tensor  # (1, 1, f, l, l), 1 = keep
     masked: torch.Tensor  # (1, 4, f, l, l)
     reference: torch.Tensor  # (1, 4, f, l, l)
@@ -139,13 +138,16 @@ class ChunkDenoiser:
         if faces.ndim != 4 or tuple(faces.shape[1:]) != (3, r, r) or faces.dtype != torch.uint8:
             raise ValueError(f"faces must be uint8 (frames, 3, {r}, {r}), got {faces.dtype} {tuple(faces.shape)}")
         reference = reference_pixels(faces.to(self.models.device))
-        masked = self.mask.masked(reference)
         keep = F.interpolate(self.mask.keep, size=(self.latent_size, self.latent_size))
         keep = frames_to_video(keep.expand(len(faces), -1, -1, -1)).to(self.models.device, self.models.dtype)
-        masked_latents, masked_posterior = self.encode(masked)
+        masked_latents, masked_posterior = self.encode(self.masked_pixels(reference))
         reference_latents, reference_posterior = self.encode(reference)
-        return Conditions(reference_pixels=reference, masked_pixels=masked, mask=keep, masked=masked_latents,
-                          reference=reference_latents, posteriors=(masked_posterior, reference_posterior))
+        return Conditions(reference_pixels=reference, mask=keep, masked=masked_latents, reference=reference_latents,
+                          posteriors=(masked_posterior, reference_posterior))
+
+    def masked_pixels(self, reference: torch.Tensor) -> torch.Tensor:
+        """The pixels with the mouth zeroed, float64 as upstream's float32 pixels times its float64 mask."""
+        return self.mask.masked(reference)
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, DiagonalGaussianDistribution]:
