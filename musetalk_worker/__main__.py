@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", default=None, help="compute in float16 (GPU only)")
     p.add_argument("--crf", type=int, help="video quality, lower is better (18)")
     musetalk = p.add_argument_group("musetalk options")
+    musetalk.add_argument("--adapter", type=Path,
+                          help="LoRA adapter: a fit's folder (adapter.json + adapter.safetensors) or the "
+                          "adapter.safetensors file alone")
     musetalk.add_argument("--batch-size", type=int, help="frames per UNet/VAE batch (8)")
     musetalk.add_argument("--bbox-shift", type=int, help="moves the top of the face box (0)")
     musetalk.add_argument("--extra-margin", type=int, help="pixels below the chin; default 10 for v15, 0 for v1")
@@ -58,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
 def _job(args: argparse.Namespace) -> dict:
     """The job input the arguments describe, so the CLI validates exactly as the worker does."""
     job = {"source": str(args.source), "audio": str(args.audio), "model": args.model}
+    if args.adapter is not None:
+        # Checked by the schema as a job's would be (model musetalk only); the file's hash stands in for the job's.
+        from .train.adapter import adapter_file
+        from .weights import file_sha256
+
+        job["adapter"] = {"url": str(args.adapter), "sha256": file_sha256(adapter_file(args.adapter))}
     for name in engine_field_names():
         value = getattr(args, name, None)
         if value is not None:
@@ -103,7 +112,8 @@ def main(argv=None) -> int:
 
         engine = load_engine(job.model, EngineConfig(args.models, device=args.device, landmarks=args.landmarks,
                                                      versions=(options.version,), fp16=options.fp16))
-        result = engine(args.source, args.audio, args.out, options, progress=bars)
+        extra = {"adapter": args.adapter} if args.adapter is not None else {}
+        result = engine(args.source, args.audio, args.out, options, progress=bars, **extra)
     except LipSyncError as error:
         bars.close()
         print(f"error ({error.code.value}): {error}", file=sys.stderr)

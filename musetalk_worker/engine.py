@@ -56,8 +56,13 @@ class Engine(Protocol):
 
     def __call__(self, source: Union[Path, MediaInfo, None], audio: Union[Path, MediaInfo], output: Path,
                  options: JobOptions, *, avatar_id: Optional[str] = None, progress: Optional[Progress] = None,
-                 workdir: Optional[Path] = None, hls: Optional[HlsOutput] = None) -> LipSyncResult:
-        """Makes ``output`` (mp4): the source's face speaking ``audio``, as ``options`` (the model's) say."""
+                 workdir: Optional[Path] = None, hls: Optional[HlsOutput] = None,
+                 adapter: Optional[Path] = None) -> LipSyncResult:
+        """Makes ``output`` (mp4): the source's face speaking ``audio``, as ``options`` (the model's) say.
+
+        ``adapter``: a LoRA adapter (folder or ``adapter.safetensors``) active for this job only; an
+        engine that takes none raises ``invalid_input`` naming ``adapter``.
+        """
 
 
 def load_engine(model: str, config: EngineConfig) -> Engine:

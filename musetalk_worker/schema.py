@@ -30,7 +30,7 @@ _LATENTSYNC = LatentSyncOptions()
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer
 
 # Fields that are not engine options; everything else in JobInput is one.
-NON_ENGINE_FIELDS = ("source", "avatar_id", "audio", "model", "output")
+NON_ENGINE_FIELDS = ("source", "avatar_id", "audio", "model", "adapter", "output")
 # Each model's versions, and the options each model takes (the fields of its options class).
 MODEL_VERSIONS = {"musetalk": VERSIONS, "latentsync": LATENTSYNC_VERSIONS}
 _MODEL_FIELDS = {model: {f.name for f in dataclasses.fields(cls)} for model, cls in ENGINE_OPTIONS.items()}
@@ -108,6 +108,20 @@ class OutputSpec(BaseModel):
         return None if self.stream is None else StreamOptions(**self.stream.model_dump())
 
 
+class AdapterSpec(BaseModel):
+    """``adapter``: a LoRA adapter file (``adapter.safetensors``, self-describing) and its SHA-256."""
+
+    model_config = _STRICT
+
+    url: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+
 class JobInput(BaseModel):
     """One lip-sync job: the two media inputs, the engine options and the output."""
 
@@ -117,6 +131,7 @@ class JobInput(BaseModel):
     avatar_id: Optional[str] = Field(default=None, pattern=AVATAR_ID_PATTERN)
     audio: str = Field(min_length=1)
     model: Literal[MODELS] = "musetalk"
+    adapter: Optional[AdapterSpec] = None
     # The model's own default when absent; checked against the model in _per_model.
     version: Optional[str] = None
     bbox_shift: int = _ranged("bbox_shift")
@@ -154,6 +169,9 @@ class JobInput(BaseModel):
         if self.version is not None and self.version not in versions:
             raise Refusal(f"'version' is {self.version!r}; model '{self.model}' has the versions "
                           f"{', '.join(versions)} (default {versions[0]}).")
+        if self.model != "musetalk" and self.adapter is not None:
+            raise Refusal(f"'adapter' works with model 'musetalk' only (LoRA adapters are fitted on MuseTalk's "
+                          f"UNet); leave it out for model '{self.model}'.")
         if self.model != "musetalk" and self.avatar_id is not None:
             raise Refusal(f"'avatar_id' works with model 'musetalk' only; send the 'source' for model "
                           f"'{self.model}'.")
@@ -214,6 +232,9 @@ _ALLOWED = {
     "avatar_id": "the avatar_id of an earlier job's result (40 hexadecimal digits)",
     "audio": f"speech audio (or a video with sound) given as {_MEDIA_FORMS}",
     "model": f"one of {', '.join(MODELS)}",
+    "adapter": "an object with 'url' (the adapter.safetensors file as " + _MEDIA_FORMS + ") and 'sha256'",
+    "adapter.url": f"the adapter.safetensors file as {_MEDIA_FORMS}",
+    "adapter.sha256": "the SHA-256 of the adapter file (64 hexadecimal digits)",
     "version": "; ".join(f"for model {m}: {', '.join(v)}" for m, v in MODEL_VERSIONS.items()),
     "guidance": "a number from {} to {} (1.0: no guidance)".format(*LIMITS["guidance"]),
     "deepcache": "true or false",
@@ -284,7 +305,7 @@ def _shown(path: str, raw: dict) -> str:
 
 
 def _model_at(path: str) -> type[BaseModel]:
-    return {"": JobInput, "output": OutputSpec, "output.credentials": S3Credentials,
+    return {"": JobInput, "adapter": AdapterSpec, "output": OutputSpec, "output.credentials": S3Credentials,
             "output.stream": StreamSpec}.get(path, JobInput)
 
 

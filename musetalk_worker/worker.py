@@ -34,7 +34,7 @@ from .options import LATENTSYNC_VERSIONS, StreamOptions, WorkerSettings
 from .s3 import S3Access, s3_client
 from .schema import parse_job
 from .upload import DeliveryPlan, deliver, plan_delivery
-from .weights import load_lock, present_components, verify_models
+from .weights import file_sha256, load_lock, present_components, verify_models
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,8 @@ class Worker:
             # A job naming a prepared avatar has no source to fetch.
             names = ("audio",) if job.avatar_id else ("source", "audio")
             refs = {name: parse_input(name, getattr(job, name), self.settings) for name in names}
+            if job.adapter is not None:
+                refs["adapter"] = parse_input("adapter", job.adapter.url, self.settings)
             plan = plan_delivery(job.output, self.settings, job_id)
             engine = self.engine(job.model)
 
@@ -168,6 +170,9 @@ class Worker:
             if plan.kind == "s3":
                 plan = dataclasses.replace(plan, access=access)
             fetched = {name: fetch_input(ref, scratch, self.settings, access) for name, ref in refs.items()}
+            extra = {}
+            if job.adapter is not None:
+                extra["adapter"] = _checked_adapter(fetched["adapter"], job.adapter.sha256)
 
             progress.stage("probe")
             # Probed once here; the engine takes the MediaInfo pair and does not probe again.
@@ -179,7 +184,7 @@ class Worker:
             with self._stream(stream, plan, scratch, progress) as publisher:
                 result = engine(source_info, audio_info, scratch / "result.mp4", options,
                                      avatar_id=job.avatar_id, progress=progress.engine, workdir=workdir,
-                                     hls=publisher.hls if publisher else None)
+                                     hls=publisher.hls if publisher else None, **extra)
 
             progress.stage("upload")
             delivered = deliver(Path(result.path), plan, self.settings)
@@ -286,6 +291,23 @@ def _weights_problem(settings: WorkerSettings) -> Optional[str]:
     components += present_components(settings.models_dir, settings.weights_lock, optional)
     report = verify_models(settings.models_dir, settings.weights_lock, components, settings.verify_weight_hashes)
     return None if report.ok else report.describe()
+
+
+def _checked_adapter(path: Path, sha256: str) -> Path:
+    """The fetched adapter file, once its SHA-256 is the job's (the engine checks what it holds).
+
+    Raises:
+        LipSyncError(invalid_input): another SHA-256 (a wrong hash, or a file changed on the way).
+    """
+    digest = file_sha256(path)
+    if digest != sha256:
+        raise LipSyncError(
+            ErrorCode.INVALID_INPUT,
+            f"'adapter' file has SHA-256 {digest}, not the job's {sha256}: the URL points at another file, or "
+            "it changed on the way. Send the SHA-256 of the adapter.safetensors to use.",
+            stage="download",
+        )
+    return path
 
 
 def check_media(source: Optional[Path], audio: Path,

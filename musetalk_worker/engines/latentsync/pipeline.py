@@ -124,12 +124,17 @@ class LatentSyncPipeline:
         progress: Optional[Progress] = None,
         workdir: Optional[Path] = None,
         hls: Optional[HlsOutput] = None,
+        adapter: Optional[Path] = None,
     ) -> LipSyncResult:
         """Makes ``output`` (mp4, 25 fps, as long as ``audio``): the source's face speaking ``audio``.
 
         Raises:
-            LipSyncError: bad media, no face in any frame, a version this image lacks.
+            LipSyncError: bad media, no face in any frame, a version this image lacks, an ``adapter``
+                (LoRA adapters are MuseTalk's).
         """
+        if adapter is not None:
+            raise LipSyncError(ErrorCode.INVALID_INPUT, "'adapter' works with model 'musetalk' only: LoRA adapters "
+                               "are fitted on MuseTalk's UNet. Leave it out for model 'latentsync'.", stage="validate")
         if avatar_id is not None or source is None:
             raise LipSyncError(ErrorCode.INVALID_INPUT, "LatentSync needs the 'source' (avatar ids are MuseTalk's).",
                                stage="validate")

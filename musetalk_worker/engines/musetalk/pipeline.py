@@ -15,6 +15,7 @@ whatever the length:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -46,7 +47,10 @@ from .audio import AudioEncoder, AudioPrompts
 from .blend import BlendedBatch, FaceBlender, visible_part
 from .generate import FaceGenerator
 from .masks import BlendMask
-from .models import FACE_PARSING_WEIGHTS, VAE_DIR, load_audio_encoder, load_face_parser, load_unet, load_vae, speed_up
+from .models import (
+    FACE_PARSING_WEIGHTS, UNET_CONFIG, UNET_FILES, VAE_DIR, load_audio_encoder, load_face_parser, load_unet, load_vae,
+    speed_up,
+)
 from .prepare import Preparation, Prepared
 from .store import SourceStore
 
@@ -54,6 +58,10 @@ logger = logging.getLogger(__name__)
 
 # Stages reported to the progress callback, in order.
 PROGRESS_STAGES = ("decode", "prepare", "generate", "encode")
+# LoRA adapters kept loaded on each UNet (by the tensor file's SHA-256), least recently used dropped first.
+ADAPTER_CACHE_SIZE = 4
+# SHA-256 of base weight files by (path, size, mtime): hashed once per process.
+_BASE_HASHES: Dict[Tuple[str, int, int], str] = {}
 
 
 class MuseTalkPipeline:
@@ -91,6 +99,8 @@ class MuseTalkPipeline:
         self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="prepare")
         self._vaes: Dict[torch.dtype, torch.nn.Module] = {}
         self._unets: Dict[Tuple[str, torch.dtype], torch.nn.Module] = {}
+        # Per UNet: adapter SHA-256 -> the name it is loaded under, oldest use first.
+        self._adapters: Dict[Tuple[str, torch.dtype], "collections.OrderedDict[str, str]"] = {}
 
     @classmethod
     def from_models(
@@ -169,6 +179,7 @@ class MuseTalkPipeline:
         progress: Optional[Progress] = None,
         workdir: Optional[Path] = None,
         hls: Optional[HlsOutput] = None,
+        adapter: Optional[Path] = None,
     ) -> LipSyncResult:
         """Makes ``output`` (mp4): the source's face speaking ``audio``.
 
@@ -178,11 +189,15 @@ class MuseTalkPipeline:
         source from the avatar cache: nothing of the source is decoded or
         prepared again, and the options that shape preparation (face boxes,
         margins, masks) are those it was prepared with. With ``hls`` the same
-        encode also writes HLS segments as the frames are made.
+        encode also writes HLS segments as the frames are made. ``adapter``
+        (a LoRA folder or its ``adapter.safetensors``, :mod:`..train.adapter`)
+        is active on the UNet for this job only; without one the plain base runs.
 
         Raises:
             LipSyncError: bad media, no face in any frame, missing models, an
-                avatar id the cache does not hold.
+                avatar id the cache does not hold; ``invalid_input`` naming
+                ``adapter``: a broken adapter, one for other base weights, or
+                an adapter on a ``torch.compile``'d UNet.
         """
         options = options.resolved()
         if options.restore and self.restorer is None:
@@ -190,6 +205,7 @@ class MuseTalkPipeline:
         report = progress or (lambda stage, done, total: None)
         timer = StageTimer(self.device)
         generator = self._generator(options)
+        self._activate_adapter(options, generator, adapter)
 
         report("decode", 0, 1)
         with timer("decode"):
@@ -403,6 +419,57 @@ class MuseTalkPipeline:
         dtype = self._half_dtype() if options.fp16 else torch.float32
         fixed_batch = options.batch_size if self.acceleration.compile != "off" else None
         return FaceGenerator(self._unet(options.version, dtype), self._vae(dtype), fixed_batch)
+
+    def _activate_adapter(self, options: MuseTalkOptions, generator: FaceGenerator, adapter: Optional[Path]) -> None:
+        """Makes ``adapter`` the active LoRA of the job's UNet (loading it, or taking it from the cache), or
+        turns every loaded adapter off (``adapter`` None: the UNet then computes as the plain base)."""
+        from ...train import adapter as adapters
+
+        key = (options.version, generator.dtype)
+        unet = self._unets[key]
+        loaded = self._adapters.setdefault(key, collections.OrderedDict())
+        if adapter is None:
+            adapters.use_adapter(unet, None)
+            return
+        if self.acceleration.compile != "off":
+            raise LipSyncError(
+                ErrorCode.INVALID_INPUT,
+                f"'adapter' cannot be used on this worker: its UNet is compiled with torch.compile "
+                f"(MUSETALK_COMPILE={self.acceleration.compile}), and switching LoRA layers would recompile it "
+                "for every job. Send the job to a worker without torch.compile, or leave 'adapter' out.",
+                stage="load",
+            )
+        digest = adapters.sha256_file(adapters.adapter_file(adapter))
+        if digest in loaded:
+            loaded.move_to_end(digest)
+            adapters.use_adapter(unet, loaded[digest])
+            return
+        adapters.use_adapter(unet, None)
+        info = adapters.load_adapter(unet, adapter, name=f"job_{digest[:16]}", base=self._base_hashes(options.version))
+        loaded[digest] = info.name
+        while len(loaded) > ADAPTER_CACHE_SIZE:
+            _, oldest = loaded.popitem(last=False)
+            adapters.unload_adapter(unet, oldest)
+        adapters.use_adapter(unet, info.name)
+        logger.info("adapter %s loaded on the %s UNet (rank %d, alpha %g; %d kept)", digest[:12], options.version,
+                    info.rank, info.alpha, len(loaded))
+
+    def _base_hashes(self, version: str) -> Dict[str, str]:
+        """SHA-256 of the UNet files of ``version`` (config and the weights loaded), by models-folder path,
+        as a fit records them; each file is hashed once per process."""
+        from ...train.adapter import sha256_file
+
+        folder, candidates = UNET_FILES[version]
+        weights = [c for c in candidates if (self.models_dir / folder / c).exists()][:1]
+        hashes = {}
+        for name in [UNET_CONFIG, *weights]:
+            path = self.models_dir / folder / name
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            if key not in _BASE_HASHES:
+                _BASE_HASHES[key] = sha256_file(path)
+            hashes[f"{folder}/{name}"] = _BASE_HASHES[key]
+        return hashes
 
     def _half_dtype(self) -> torch.dtype:
         if self.device.type == "cpu":
