@@ -131,7 +131,6 @@ class JobInput(BaseModel):
     avatar_id: Optional[str] = Field(default=None, pattern=AVATAR_ID_PATTERN)
     audio: str = Field(min_length=1)
     model: Literal[MODELS] = "musetalk"
-    adapter: Optional[AdapterSpec] = None
     # The model's own default when absent; checked against the model in _per_model.
     version: Optional[str] = None
     bbox_shift: int = _ranged("bbox_shift")
@@ -153,6 +152,7 @@ class JobInput(BaseModel):
     restore: bool = _DEFAULTS.restore
     restore_weight: float = _ranged("restore_weight")
     restore_region: RestoreRegion = _DEFAULTS.restore_region
+    adapter: Optional[AdapterSpec] = None
     output: Optional[OutputSpec] = None
 
     @model_validator(mode="after")
@@ -196,6 +196,64 @@ class JobInput(BaseModel):
         cls = ENGINE_OPTIONS[self.model]
         values = {name: getattr(self, name) for name in _MODEL_FIELDS[self.model] if name != "version"}
         return cls(**values) if self.version is None else cls(version=self.version, **values)
+
+
+# A training job's bounds: a serverless job runs in one process, on one GPU.
+MAX_TRAIN_VIDEOS = 32
+TRAIN_LIMITS = {"steps": (1, 20_000), "rank": (1, 128), "batch": (1, 64), "seed": (0, 2**31 - 1)}
+
+
+class TrainAdapterInput(BaseModel):
+    """``"task": "train_adapter"``: prepare the videos, fit a LoRA (:func:`..train.fit.fit`), upload it."""
+
+    model_config = _STRICT
+
+    task: Literal["train_adapter"]
+    videos: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, max_length=MAX_TRAIN_VIDEOS)
+    version: Literal[VERSIONS] = "v15"
+    steps: int = Field(ge=TRAIN_LIMITS["steps"][0], le=TRAIN_LIMITS["steps"][1])
+    rank: int = Field(default=16, ge=TRAIN_LIMITS["rank"][0], le=TRAIN_LIMITS["rank"][1])
+    alpha: Optional[float] = Field(default=None, gt=0, le=4096)
+    lr: Optional[float] = Field(default=None, gt=0, le=1)
+    batch: int = Field(default=4, ge=TRAIN_LIMITS["batch"][0], le=TRAIN_LIMITS["batch"][1])
+    holdout: float = Field(default=0.2, gt=0, lt=1)
+    eval_every: Optional[int] = Field(default=None, ge=1, le=TRAIN_LIMITS["steps"][1])
+    seed: int = Field(default=0, ge=TRAIN_LIMITS["seed"][0], le=TRAIN_LIMITS["seed"][1])
+    output: Optional[OutputSpec] = None
+
+    @model_validator(mode="after")
+    def _no_stream(self) -> "TrainAdapterInput":
+        if self.output is not None and self.output.stream is not None:
+            raise Refusal("'output.stream' is for lip-sync jobs; a training job uploads one adapter file.")
+        return self
+
+    def fit_options(self):
+        """The :class:`~musetalk_worker.train.fit.FitOptions` this job asks for."""
+        from .train.fit import FitOptions
+
+        return FitOptions(steps=self.steps, rank=self.rank, alpha=self.alpha, lr=self.lr, batch=self.batch,
+                          holdout=self.holdout, eval_every=self.eval_every, seed=self.seed, version=self.version)
+
+
+TASKS = ("lipsync", "train_adapter")
+
+
+def parse_task(raw: Any) -> "JobInput | TrainAdapterInput":
+    """Validates a job of any task: ``"task": "train_adapter"`` is a training job, no ``task`` (or
+    ``"lipsync"``) a lip-sync job (:func:`parse_job`).
+
+    Raises:
+        LipSyncError(invalid_input): every problem found, one sentence each.
+    """
+    task = raw.get("task") if isinstance(raw, dict) else None
+    if task is None or task == "lipsync":
+        return parse_job({k: v for k, v in raw.items() if k != "task"} if isinstance(raw, dict) else raw)
+    if task != "train_adapter":
+        raise _invalid([f"'task' is {_shown('task', raw)}; it must be one of {', '.join(TASKS)} (default lipsync)."])
+    try:
+        return TrainAdapterInput.model_validate(raw)
+    except ValidationError as err:
+        raise _invalid(_messages(err, raw, TrainAdapterInput, _TRAIN_ALLOWED)) from None
 
 
 def engine_field_names() -> tuple[str, ...]:
@@ -261,9 +319,23 @@ _ALLOWED = {
     **{name: _whole(name) for name, (low, _) in LIMITS.items() if isinstance(low, int)},
 }
 _SECRET_PARENT = "output.credentials"
+# A training job's fields (the output ones are shared).
+_TRAIN_ALLOWED = {
+    **{k: v for k, v in _ALLOWED.items() if k.startswith("output")},
+    "task": f"one of {', '.join(TASKS)}",
+    "videos": f"a list of 1 to {MAX_TRAIN_VIDEOS} talking-face videos with their speech, each given as {_MEDIA_FORMS}",
+    "version": f"one of {', '.join(VERSIONS)}",
+    "alpha": "a number above 0 and up to 4096, or null for the rank",
+    "lr": "a number above 0 and up to 1, or null for the default (1e-4)",
+    "holdout": "a number between 0 and 1 (exclusive): the share of each clip's tail held out for evaluation",
+    "eval_every": "a whole number of steps, or null for a fifth of the steps",
+    **{name: f"a whole number from {low} to {high}" for name, (low, high) in TRAIN_LIMITS.items()},
+}
 
 
-def _messages(err: ValidationError, raw: dict) -> list[str]:
+def _messages(err: ValidationError, raw: dict, root: type[BaseModel] = None,
+              allowed: Optional[dict] = None) -> list[str]:
+    allowed = _ALLOWED if allowed is None else allowed
     messages: list[str] = []
     unknown: dict[str, list[str]] = {}
     for item in err.errors(include_input=False):
@@ -273,24 +345,25 @@ def _messages(err: ValidationError, raw: dict) -> list[str]:
             parent, _, key = path.rpartition(".")
             unknown.setdefault(parent, []).append(key)
         elif kind == "missing":
-            messages.append(f"'{path}' is required: {_allowed_for(path)}.")
+            messages.append(f"'{path}' is required: {_allowed_for(path, allowed)}.")
         elif kind == "value_error" and isinstance(item.get("ctx", {}).get("error"), Refusal):
             messages.append(str(item["ctx"]["error"]))
         else:
-            messages.append(f"'{path}' is {_shown(path, raw)}; it must be {_allowed_for(path)}.")
+            messages.append(f"'{path}' is {_shown(path, raw)}; it must be {_allowed_for(path, allowed)}.")
     for parent, keys in unknown.items():
-        model = _model_at(parent)
+        model = _model_at(parent) if parent or root is None else root
         where = f" in '{parent}'" if parent else ""
         names = ", ".join(f"'{k}'" for k in keys)
         messages.insert(0, f"unknown key{'s' if len(keys) > 1 else ''} {names}{where}; allowed keys: {_keys(model)}.")
     return messages
 
 
-def _allowed_for(path: str) -> str:
+def _allowed_for(path: str, allowed: Optional[dict] = None) -> str:
+    allowed = _ALLOWED if allowed is None else allowed
     top = path.split(".")[0]
     if path.startswith(_SECRET_PARENT + "."):
         return "a string"
-    return _ALLOWED.get(path) or _ALLOWED.get(top, "a valid value")
+    return allowed.get(path) or allowed.get(top, "a valid value")
 
 
 def _shown(path: str, raw: dict) -> str:

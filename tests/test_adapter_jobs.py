@@ -219,3 +219,53 @@ def test_cli_adapter_takes_a_folder_or_the_file(worker, job, lora, media_dir, sp
     assert "'adapter' works with model 'musetalk' only" in capsys.readouterr().err
     assert cli.main([*common, "--out", str(tmp_path / "y.mp4"), "--adapter", str(tmp_path / "missing")]) == 2
     assert "adapter:" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the training job
+
+@pytest.fixture(scope="module")
+def talking(media_dir, tmp_path_factory) -> Path:
+    """0.6 s of the face video with speech, at a third of its size."""
+    path = tmp_path_factory.mktemp("talking") / "talk.mp4"
+    _ffmpeg("-i", str(media_dir / "yongen.mp4"), "-i", str(media_dir / "eng.wav"), "-map", "0:v", "-map", "1:a",
+            "-t", "0.6", "-vf", "scale=234:-2", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(path))
+    return path
+
+
+def test_a_training_job_reports_each_evaluation_and_returns_an_adapter_a_job_can_use(
+        worker, job, talking, http_server, tmp_path):
+    updates = []
+    train = {"task": "train_adapter", "videos": [http_server.add("/talk.mp4", talking.read_bytes())],
+             "steps": 2, "rank": 2, "batch": 1, "lr": 0.05, "eval_every": 1}
+    result = worker.run(train, "train-1", updates.append)
+    assert "error" not in result, result
+    assert [u["step"] for u in updates if u.get("stage") == "train" and "step" in u] == [0, 1, 2]
+    assert all("mouth_l1" in u["eval"] for u in updates if "step" in u)
+    assert result["delivery"] == "inline" and result["steps"] == 2 and result["clips"] == 1 and result["frames"] > 0
+    assert set(result["eval"]) == {"before", "after"} and (result["rank"], result["alpha"]) == (2, 2.0)
+    data = base64.b64decode(result["adapter_base64"])
+    assert _sha(data) == result["adapter_sha256"] and len(data) == result["size_bytes"]
+    assert adapters.read_adapter_info(_write(tmp_path / "trained.safetensors", data)).rank == 2
+    assert list(worker.settings.temp_dir.iterdir()) == []
+
+    plain = _video(worker, job, tmp_path, "plain")
+    tuned = _video(worker, dict(job, adapter={"url": _data_url(data), "sha256": result["adapter_sha256"]}), tmp_path,
+                   "tuned")
+    assert tuned != plain
+
+
+def test_a_bad_training_job_is_refused_before_any_work(worker, job):
+    result = worker.run({"task": "train_adapter", "videos": [], "steps": 0, "stream": 1}, "bad")
+    assert result["error_code"] == "invalid_input" and result["stage"] == "validate"
+    for text in ("unknown key 'stream'", "'videos' is []", "'steps' is 0; it must be a whole number from 1"):
+        assert text in result["error"], result["error"]
+    result = worker.run({"task": "train_adapter", "videos": [job["audio"]], "steps": 1}, "audio-only")
+    assert (result["error_code"], result["stage"]) == ("unsupported_media", "probe"), result
+    assert "'videos.0' is audio without a picture" in result["error"]
+    assert worker.run({**job, "task": "paint"}, "x")["error"].startswith("Invalid job input: 'task' is 'paint'")
+    assert "error" not in worker.run({**job, "task": "lipsync"}, "lipsync")
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path

@@ -232,3 +232,17 @@ def test_restore_dtype_and_batch_come_from_the_environment():
     assert WorkerSettings.from_env({}).acceleration.restore_dtype == "float32"
     with pytest.raises(ValueError, match="MUSETALK_RESTORE_DTYPE"):
         WorkerSettings.from_env({"MUSETALK_RESTORE_DTYPE": "float16"})
+
+
+def test_adapter_is_a_url_and_its_sha256_for_musetalk_only():
+    digest = "AB" * 32
+    job = parse_job(dict(GOOD, adapter={"url": "https://example.com/a.safetensors", "sha256": digest}))
+    assert job.adapter.sha256 == digest.lower() and "adapter" not in engine_field_names()
+    assert job.engine_options() == MuseTalkOptions()
+    assert "'adapter.sha256' is 'abc'; it must be the SHA-256" in _error(dict(GOOD, adapter={"url": "x", "sha256": "abc"}))
+    assert "'adapter.sha256' is required" in _error(dict(GOOD, adapter={"url": "x"}))
+    assert "'adapter' is 'x'; it must be an object with 'url'" in _error(dict(GOOD, adapter="x"))
+    assert "unknown key 'name' in 'adapter'; allowed keys: url, sha256" in _error(
+        dict(GOOD, adapter={"url": "x", "sha256": digest, "name": "n"}))
+    message = _error(dict(GOOD, model="latentsync", adapter={"url": "x", "sha256": digest}))
+    assert "'adapter' works with model 'musetalk' only" in message
