@@ -6,10 +6,20 @@ times how long until the port answers, then times one job through ``/runsync``.
 Prints one JSON line per run and a summary::
 
     python scripts/measure_cold_start.py --runs 3
-    python scripts/measure_cold_start.py --models-dir ../shared/parity/v15-yongen/models --device cpu \\
-        --landmarks dlib --local-input-dir ../shared --job test_input.json
+    MUSETALK_WEIGHTS_LOCK=none python scripts/measure_cold_start.py --models-dir ../shared/parity/v15-yongen/models \\
+        --device cpu --landmarks dlib --local-input-dir examples --job test_input.json
+    python scripts/measure_cold_start.py --random-models --device cpu --landmarks dlib --job none \\
+        --baseline /tmp/before --runs 3
 
-Settings not given here come from the environment, as for the worker.
+Settings not given here come from the environment, as for the worker. The
+weights lock (``MUSETALK_WEIGHTS_LOCK``) describes the real weights: with
+other models (the parity fixture's) set it to ``none``, or the worker refuses
+to start. ``--random-models`` uses real-size random-weight models
+(:mod:`bench.random_models`, built once into
+``~/.cache/musetalk-worker/bench-models``) and sets the lock to ``none``.
+``--baseline DIR`` also starts another copy of the project (e.g. ``git worktree
+add /tmp/before <commit>``) with the same settings, alternating with this one,
+so that the two compare under the same machine load.
 """
 
 from __future__ import annotations
@@ -43,8 +53,19 @@ def main() -> int:
     parser.add_argument("--job", type=Path, default=ROOT / "test_input.json",
                         help="job to time after start-up (default test_input.json; 'none' to skip)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for readiness")
+    parser.add_argument("--random-models", action="store_true",
+                        help="real-size random-weight models (bench/random_models.py; sets MUSETALK_WEIGHTS_LOCK=none)")
+    parser.add_argument("--baseline", type=Path, help="another copy of the project to start alternately, for comparison")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.random_models:
+        if args.models_dir is not None:
+            parser.error("--random-models and --models-dir exclude each other")
+        sys.path.insert(0, str(ROOT))
+        from bench.random_models import build_models, default_dest
+
+        args.models_dir = build_models(default_dest())
+        os.environ["MUSETALK_WEIGHTS_LOCK"] = "none"
 
     env = dict(os.environ)
     for name, value in (("MUSETALK_MODELS_DIR", args.models_dir), ("MUSETALK_DEVICE", args.device),
@@ -56,24 +77,39 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cold-start-") as scratch:
         # The timed jobs' videos are not kept (unless MUSETALK_OUTPUT_DIR says where).
         env.setdefault("MUSETALK_OUTPUT_DIR", scratch)
-        results = [_one_cold_start(env, job, args.timeout) for _ in range(args.runs)]
-    for result in results:
-        print(json.dumps(result))
-    ready = [r["ready_s"] for r in results]
-    summary = {"runs": len(results), "ready_s_median": round(statistics.median(ready), 2),
-               "ready_s_min": min(ready), "ready_s_max": max(ready), "device": _device(env)}
-    if job is not None:
-        summary["first_job_s_median"] = round(statistics.median(r["first_job_s"] for r in results), 2)
-    print(json.dumps(summary))
+        trees = {"this": ROOT} if args.baseline is None else {"this": ROOT, "baseline": args.baseline.resolve()}
+        results: dict = {name: [] for name in trees}
+        for _ in range(args.runs):
+            for name, tree in trees.items():
+                results[name].append({"tree": name, **_one_cold_start(env, job, args.timeout, tree)})
+    device = _device(env)
+    for name, runs in results.items():
+        for result in runs:
+            print(json.dumps(result))
+        print(json.dumps(_summary(name, trees[name], runs, job is not None, device)))
     return 0
 
 
-def _one_cold_start(env: dict, job: dict | None, timeout: float) -> dict:
+def _summary(name: str, tree: Path, results: list, with_job: bool, device: str) -> dict:
+    ready = [r["ready_s"] for r in results]
+    summary = {"tree": name, "path": str(tree), "runs": len(results),
+               "ready_s_median": round(statistics.median(ready), 2), "ready_s_min": min(ready),
+               "ready_s_max": max(ready), "device": device}
+    for key in ("models_load_s", "warm_up_s"):
+        values = [r[key] for r in results if key in r]
+        if values:
+            summary[f"{key}_median"] = round(statistics.median(values), 2)
+    if with_job:
+        summary["first_job_s_median"] = round(statistics.median(r["first_job_s"] for r in results), 2)
+    return summary
+
+
+def _one_cold_start(env: dict, job: dict | None, timeout: float, tree: Path = ROOT) -> dict:
     port = _free_port()
     started = time.perf_counter()
     server = subprocess.Popen(
-        [sys.executable, str(ROOT / "handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, str(tree / "handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
+        cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     result: dict = {}
     try:

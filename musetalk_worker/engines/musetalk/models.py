@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import load_file as load_safetensors
 from transformers import WhisperFeatureExtractor, WhisperModel
 
 from ...model_files import require
 from ...options import Acceleration
 from ...precision import precise_cpu_group_norm
-from ...vae import load_autoencoder
+from ...vae import load_autoencoder, load_state
 from .audio import AudioEncoder
 from .bisenet import BiSeNet, load_bisenet
 
@@ -43,11 +42,9 @@ def load_unet(models_dir: Path, version: str, device: torch.device, dtype: torch
     weights = next((Path(models_dir) / folder / c for c in candidates if (Path(models_dir) / folder / c).exists()), None)
     if weights is None:
         require(models_dir, f"{folder}/{candidates[-1]}")
-    if weights.suffix == ".safetensors":
-        state = load_safetensors(str(weights))
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    # Building on the meta device skips a random initialisation of 850 M parameters.
+    # Read (or memory-mapped) straight into the device and dtype, and assigned to a model built on the
+    # meta device: no random initialisation of 850 M parameters, and no second copy of them.
+    state = load_state(weights, device, dtype)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     unet.load_state_dict(state, assign=True)
