@@ -9,6 +9,12 @@ failure comes back as ``{"error": str, "error_code": str, "stage": str}`` (a
 string ``error`` makes RunPod mark the job FAILED); a CUDA out-of-memory or
 fault also sets ``refresh_worker`` so RunPod restarts the process after the job.
 Secrets given with a job or in the environment are removed from every message.
+
+A job may carry an ``adapter`` (``{"url", "sha256"}``): it is fetched like the
+media, its SHA-256 checked, and the engine runs with it for that job only. A
+job with ``"task": "train_adapter"`` instead fetches its ``videos``, prepares
+and fits a LoRA (``train``), sends one progress update per evaluation and
+delivers ``adapter.safetensors`` where a video would go.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import json
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
+import requests
 import torch
 from safetensors.torch import save_file
 
@@ -25,6 +25,7 @@ from musetalk_worker.errors import LipSyncError
 from musetalk_worker.options import WorkerSettings
 from musetalk_worker.train import adapter as adapters
 from musetalk_worker.worker import Worker
+from servers import MOTO_KEY_ID, MOTO_SECRET
 
 
 def _ffmpeg(*args: str) -> None:
@@ -232,26 +233,54 @@ def talking(media_dir, tmp_path_factory) -> Path:
     return path
 
 
-def test_a_training_job_reports_each_evaluation_and_returns_an_adapter_a_job_can_use(
-        worker, job, talking, http_server, tmp_path):
+def test_a_training_job_reports_each_evaluation_and_uploads_an_adapter_a_job_can_use(
+        worker, job, talking, http_server, moto_s3, tmp_path):
+    moto_s3.bucket("adapters")
+    output = {"bucket": "adapters", "prefix": "lora/", "credentials": {
+        "access_key_id": MOTO_KEY_ID, "secret_access_key": MOTO_SECRET, "endpoint_url": moto_s3.endpoint,
+        "region": "us-east-1"}}
     updates = []
     train = {"task": "train_adapter", "videos": [http_server.add("/talk.mp4", talking.read_bytes())],
-             "steps": 2, "rank": 2, "batch": 1, "lr": 0.05, "eval_every": 1}
+             "steps": 2, "rank": 2, "batch": 1, "lr": 0.05, "eval_every": 1, "output": output}
     result = worker.run(train, "train-1", updates.append)
     assert "error" not in result, result
     assert [u["step"] for u in updates if u.get("stage") == "train" and "step" in u] == [0, 1, 2]
     assert all("mouth_l1" in u["eval"] for u in updates if "step" in u)
-    assert result["delivery"] == "inline" and result["steps"] == 2 and result["clips"] == 1 and result["frames"] > 0
+    assert (result["delivery"], result["key"]) == ("s3", "lora/train-1.safetensors")
+    assert result["steps"] == 2 and result["clips"] == 1 and result["frames"] > 0
     assert set(result["eval"]) == {"before", "after"} and (result["rank"], result["alpha"]) == (2, 2.0)
-    data = base64.b64decode(result["adapter_base64"])
+    data = requests.get(result["adapter_url"], timeout=30).content
     assert _sha(data) == result["adapter_sha256"] and len(data) == result["size_bytes"]
     assert adapters.read_adapter_info(_write(tmp_path / "trained.safetensors", data)).rank == 2
     assert list(worker.settings.temp_dir.iterdir()) == []
 
+    # The uploaded adapter by its s3:// address (the job's credentials) and inline give the same video.
     plain = _video(worker, job, tmp_path, "plain")
     tuned = _video(worker, dict(job, adapter={"url": _data_url(data), "sha256": result["adapter_sha256"]}), tmp_path,
                    "tuned")
     assert tuned != plain
+    from_s3 = worker.run(dict(job, output=output, adapter={"url": "s3://adapters/lora/train-1.safetensors",
+                                                           "sha256": result["adapter_sha256"]}), "from-s3")
+    assert "error" not in from_s3, from_s3
+    video = _write(tmp_path / "from-s3.mp4", requests.get(from_s3["video_url"], timeout=30).content)
+    assert _frames(video) == tuned
+
+
+def test_an_adapter_is_delivered_inline_or_to_the_output_folder(lora, tmp_path):
+    from musetalk_worker.upload import DeliveryPlan
+    from musetalk_worker.worker import _deliver_adapter
+
+    settings = WorkerSettings(models_dir=tmp_path, output_dir=None)
+    data = (lora / adapters.ADAPTER_FILE).read_bytes()
+    inline = _deliver_adapter(_write(tmp_path / "a.safetensors", data), DeliveryPlan(kind="inline"), settings)
+    assert inline["delivery"] == "inline" and base64.b64decode(inline["adapter_base64"]) == data
+    target = tmp_path / "out" / "job.safetensors"
+    local = _deliver_adapter(_write(tmp_path / "b.safetensors", data), DeliveryPlan(kind="local_file",
+                                                                                     local_path=target), settings)
+    assert local == {"delivery": "local_file", "adapter_path": str(target)} and target.read_bytes() == data
+    small = dataclasses.replace(settings, max_inline_result_bytes=10)
+    with pytest.raises(LipSyncError, match="the adapter is .* MB, more than"):
+        _deliver_adapter(_write(tmp_path / "c.safetensors", data), DeliveryPlan(kind="inline"), small)
 
 
 def test_a_bad_training_job_is_refused_before_any_work(worker, job):
@@ -269,3 +298,20 @@ def test_a_bad_training_job_is_refused_before_any_work(worker, job):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_a_converted_unet_answers_for_the_file_it_was_converted_from(fixture_models, tmp_path):
+    from types import SimpleNamespace
+
+    from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
+    from musetalk_worker.weights import CONVERSIONS_FILE
+
+    folder = tmp_path / "models" / "musetalkV15"
+    folder.mkdir(parents=True)
+    (folder / "musetalk.json").write_bytes((fixture_models / "musetalkV15" / "musetalk.json").read_bytes())
+    (folder / "unet.safetensors").write_bytes(b"converted")
+    (tmp_path / "models" / CONVERSIONS_FILE).write_text(json.dumps({"musetalkV15/unet.safetensors": {
+        "size": 9, "sha256": "c" * 64, "source_path": "musetalkV15/unet.pth", "source_sha256": "d" * 64}}))
+    hashes = MuseTalkPipeline._base_hashes(SimpleNamespace(models_dir=tmp_path / "models"), "v15")
+    assert hashes == {"musetalkV15/musetalk.json": adapters.sha256_file(folder / "musetalk.json"),
+                      "musetalkV15/unet.safetensors": "c" * 64, "musetalkV15/unet.pth": "d" * 64}

@@ -456,19 +456,33 @@ class MuseTalkPipeline:
 
     def _base_hashes(self, version: str) -> Dict[str, str]:
         """SHA-256 of the UNet files of ``version`` (config and the weights loaded), by models-folder path,
-        as a fit records them; each file is hashed once per process."""
+        as a fit records them; each file is hashed once per process.
+
+        A UNet the downloader converted (``unet.pth`` -> ``unet.safetensors``, recorded beside the weights
+        with both hashes) takes the recorded hash when the size matches, and also answers for the file it
+        was converted from, so an adapter fitted on either form of the same weights is checked against it.
+        """
         from ...train.adapter import sha256_file
+        from ...weights import LockError, read_conversions
 
         folder, candidates = UNET_FILES[version]
         weights = [c for c in candidates if (self.models_dir / folder / c).exists()][:1]
+        try:
+            conversions = read_conversions(self.models_dir)
+        except LockError:
+            conversions = {}
         hashes = {}
         for name in [UNET_CONFIG, *weights]:
-            path = self.models_dir / folder / name
+            relative, path = f"{folder}/{name}", self.models_dir / folder / name
             stat = path.stat()
             key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            converted = conversions.get(relative)
+            if converted is not None and converted.size == stat.st_size:
+                _BASE_HASHES.setdefault(key, converted.sha256)
+                hashes.setdefault(converted.source_path, converted.source_sha256)
             if key not in _BASE_HASHES:
                 _BASE_HASHES[key] = sha256_file(path)
-            hashes[f"{folder}/{name}"] = _BASE_HASHES[key]
+            hashes[relative] = _BASE_HASHES[key]
         return hashes
 
     def _half_dtype(self) -> torch.dtype:
