@@ -20,9 +20,11 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 def load_state(path: Path, device: torch.device, dtype: torch.dtype | None = None) -> dict:
     """The tensors of a weight file (safetensors, or a torch pickle of a state dict), on ``device``.
 
-    safetensors files are read straight onto ``device``; torch pickles are
-    memory-mapped (``mmap=True``), so a 3.4 GB file is not read in full before
-    the tensors are used or moved. Floating-point tensors are converted to
+    safetensors files are read straight onto ``device``. Torch pickles bound
+    for a GPU are memory-mapped (``mmap=True``), so a 3.4 GB file is not read
+    into host memory in full before it is copied; for the CPU they are read
+    whole, so the weights the model keeps are not file-backed pages that the
+    kernel may drop and fault in again during a job. Floating-point tensors are converted to
     ``dtype`` when given (a plain ``.to``: the values ``module.to(dtype)`` gives).
     """
     path = Path(path)
@@ -32,7 +34,7 @@ def load_state(path: Path, device: torch.device, dtype: torch.dtype | None = Non
         state = load_file(str(path), device=str(device) if device.type != "mps" else "cpu")
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=device.type != "cpu")
         except RuntimeError:  # a legacy (non-zip) pickle cannot be mapped
             state = torch.load(path, map_location="cpu", weights_only=True)
     return {

@@ -74,3 +74,53 @@ def test_a_compiled_engine_compiles_at_warm_up_and_matches_the_eager_one(fixture
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a job must not recompile"
     difference = np.abs(_frames(tmp_path / "compiled.mp4").astype(int) - _frames(tmp_path / "eager.mp4").astype(int))
     assert difference.mean() < 0.05 and np.percentile(difference, 99.9) <= 2
+
+
+def test_the_vae_loads_on_meta_with_the_files_tensors(fixture_models, tmp_path):
+    """The meta-device loader gives from_pretrained's weights bit for bit, in float32 and bfloat16, also from a
+    checkpoint with diffusers' old attention names; the initialisation only touches meta tensors (no work)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file, save_file
+
+    from musetalk_worker.vae import load_autoencoder
+
+    folder = fixture_models / "sd-vae"
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype).state_dict()
+        loaded = load_autoencoder(folder, cpu, dtype).state_dict()
+        assert loaded.keys() == expected.keys()
+        assert all(torch.equal(loaded[k], expected[k]) and loaded[k].dtype == dtype for k in expected)
+    # The checkpoint as published before the attention projections were renamed.
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = load_file(folder / "diffusion_pytorch_model.safetensors")
+    renamed = {}
+    for key, value in state.items():
+        for new, old in old_names.items():
+            if ".attentions." in key and f".{new}." in key:
+                key = key.replace(f".{new}.", f".{old}.")
+        renamed[key] = value
+    assert renamed.keys() != state.keys()
+    legacy = tmp_path / "sd-vae"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((folder / "config.json").read_text())
+    save_file(renamed, legacy / "diffusion_pytorch_model.safetensors")
+    initialised = []
+    original = torch.nn.init.kaiming_uniform_
+    torch.nn.init.kaiming_uniform_ = lambda tensor, *a, **k: initialised.append(tensor.device.type) or original(
+        tensor, *a, **k)
+    try:
+        loaded = load_autoencoder(legacy, cpu, torch.float32).state_dict()
+    finally:
+        torch.nn.init.kaiming_uniform_ = original
+    assert set(initialised) <= {"meta"}
+    assert all(torch.equal(loaded[k], expected_value) for k, expected_value in
+               AutoencoderKL.from_pretrained(folder).state_dict().items())
+
+
+def test_the_unet_loads_the_files_tensors(fixture_models):
+    """load_unet (meta build, tensors assigned) holds exactly the checkpoint's tensors."""
+    state = torch.load(fixture_models / "musetalkV15" / "unet.pth", map_location="cpu", weights_only=True)
+    loaded = load_unet(fixture_models, "v15", torch.device("cpu"), torch.float32).state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k].float()) for k in state)
