@@ -9,6 +9,10 @@ options are the fields of the job's model's options class
 ranges of ``LIMITS``; an option of the other model is refused by name. Types are strict: ``"8"`` is not a
 number and ``true`` is not ``1`` (RunPod's own validator lets bools pass as ints).
 Credential values never appear in a message.
+
+``adapter`` (``{"url", "sha256"}``, MuseTalk only) names a LoRA adapter file for the
+job. ``parse_task`` is the worker's entry: a job with ``"task": "train_adapter"``
+is a :class:`TrainAdapterInput` (videos and fit options), any other a lip-sync job.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapter_helpers import base_files, make_adapter
@@ -178,6 +179,17 @@ def test_a_wrong_hash_a_corrupted_file_and_other_base_weights_are_invalid_input(
     _failure(worker.run(dict(job, adapter={"url": _data_url(v1), "sha256": _sha(v1)}), "v1"), "other base weights")
     _failure(worker.run(dict(job, adapter={"url": "ftp://example.com/a", "sha256": "0" * 64}), "scheme"),
              "unsupported scheme")
+    # Tensors of other shapes under the right description: refused, and nothing of it stays on the UNet.
+    with safe_open(str(lora / adapters.ADAPTER_FILE), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    first = sorted(tensors)[0]
+    tensors[first] = torch.zeros(tensors[first].shape[0] + 1, *tensors[first].shape[1:])
+    save_file(tensors, str(tmp_path / "misfit.safetensors"), metadata=header)
+    misfit = (tmp_path / "misfit.safetensors").read_bytes()
+    _failure(worker.run(dict(job, adapter={"url": _data_url(misfit), "sha256": _sha(misfit)}), "misfit"),
+             "does not fit this UNet")
+    unets = worker.engine("musetalk")._unets.values()
+    assert not any(f"job_{_sha(misfit)[:16]}" in getattr(u, "peft_config", {}) for u in unets)
     assert list(worker.settings.temp_dir.iterdir()) == []
 
 
