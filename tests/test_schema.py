@@ -246,3 +246,26 @@ def test_adapter_is_a_url_and_its_sha256_for_musetalk_only():
         dict(GOOD, adapter={"url": "x", "sha256": digest, "name": "n"}))
     message = _error(dict(GOOD, model="latentsync", adapter={"url": "x", "sha256": digest}))
     assert "'adapter' works with model 'musetalk' only" in message
+
+
+def test_a_training_task_is_its_own_schema():
+    from musetalk_worker.schema import TrainAdapterInput, parse_task
+
+    job = parse_task({"task": "train_adapter", "videos": ["https://example.com/a.mp4"], "steps": 300, "rank": 8,
+                      "alpha": 16.0, "output": {"bucket": "adapters"}})
+    assert isinstance(job, TrainAdapterInput)
+    options = job.fit_options()
+    assert (options.steps, options.rank, options.alpha, options.batch, options.full) == (300, 8, 16.0, 4, False)
+    assert parse_task(dict(GOOD)) == parse_job(dict(GOOD)) == parse_task(dict(GOOD, task="lipsync"))
+    with pytest.raises(LipSyncError) as error:
+        parse_task({"task": "train_adapter", "videos": ["x"] * 33, "steps": 1, "rank": 0, "fps": 5})
+    message = error.value.message
+    assert "unknown key 'fps'; allowed keys: task, videos, version, steps, rank" in message
+    assert "'videos' is" in message and "a list of 1 to 32" in message
+    assert "'rank' is 0; it must be a whole number from 1 to 128" in message
+    with pytest.raises(LipSyncError, match="'output.stream' is for lip-sync jobs"):
+        parse_task({"task": "train_adapter", "videos": ["x"], "steps": 1, "output": {"bucket": "bkt", "stream": True}})
+    with pytest.raises(LipSyncError, match="'task' is 'paint'; it must be one of lipsync, train_adapter"):
+        parse_task(dict(GOOD, task="paint"))
+    # A lip-sync job's own parser knows no task (the CLI and the local HTTP API run lip-sync only).
+    assert "unknown key 'task'" in _error(dict(GOOD, task="train_adapter"))
