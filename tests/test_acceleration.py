@@ -124,3 +124,12 @@ def test_the_unet_loads_the_files_tensors(fixture_models):
     loaded = load_unet(fixture_models, "v15", torch.device("cpu"), torch.float32).state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k].float()) for k in state)
+
+
+def test_encoding_one_crop_per_call_gives_the_same_latents(fixture_models):
+    from musetalk_worker.engines.musetalk.latents import LatentEncoder
+
+    vae = load_vae(fixture_models, torch.device("cpu"), torch.float32)
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(3)]
+    assert torch.equal(LatentEncoder(vae, crops_per_call=1).encode(crops), LatentEncoder(vae).encode(crops))
