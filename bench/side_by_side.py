@@ -235,8 +235,8 @@ def run_upstream(python: str, run_dir: Path, probe_dir: Path, batch_size: int, d
     # Upstream was written for torch 2.0, whose torch.load unpickled anything (its checkpoints hold numpy arrays).
     env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     started = time.time()
-    done = subprocess.run(upstream_argv(python, batch_size), cwd=run_dir, env=env, capture_output=True, text=True, check=False,
-                          timeout=timeout_s)
+    done = subprocess.run(upstream_argv(python, batch_size), cwd=run_dir, env=env, capture_output=True, text=True,
+                          check=False, timeout=timeout_s)
     ended = time.time()
     output = run_dir / "results" / "v15" / "out.mp4"
     log = (done.stdout + done.stderr)[-4000:]
@@ -245,7 +245,8 @@ def run_upstream(python: str, run_dir: Path, probe_dir: Path, batch_size: int, d
     probe = json.loads(report_path.read_text())
     # Upstream prints its exceptions and exits 0: only the video says whether it worked.
     if done.returncode != 0 or not output.is_file():
-        raise RuntimeError(f"upstream failed (exit {done.returncode}, output {'made' if output.is_file() else 'missing'}"
+        made = "made" if output.is_file() else "missing"
+        raise RuntimeError(f"upstream failed (exit {done.returncode}, output {made}"
                            f"); its log ends:\n{log}")
     loaded = probe["marks"].get("loaded", ended)
     stages = probe["seconds"]
@@ -270,8 +271,8 @@ def run_ours(config: Dict[str, object], device: str, threads: int, timeout_s: fl
         result = Path(scratch) / "result.json"
         argv = [sys.executable, "-m", "bench.side_by_side", "--run-ours", json.dumps(config), "--result", str(result)]
         started = time.time()
-        done = subprocess.run(argv, cwd=ROOT, env=_child_env(device, threads), capture_output=True, text=True, check=False,
-                              timeout=timeout_s)
+        done = subprocess.run(argv, cwd=ROOT, env=_child_env(device, threads), capture_output=True, text=True,
+                              check=False, timeout=timeout_s)
         ended = time.time()
         if done.returncode != 0 or not result.is_file():
             raise RuntimeError(f"this engine failed (exit {done.returncode}); its log ends:\n"
@@ -419,7 +420,8 @@ def _python_versions(python: str) -> str:
 
 
 def _commit(path: Path) -> str:
-    done = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    done = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=False)
     return done.stdout.strip() if done.returncode == 0 else "not a git checkout"
 
 
@@ -514,7 +516,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rate = Fraction(args.fps).limit_denominator(1001)
     header = {
         "machine": describe_machine(info),
-        "device": f"{args.device}, {args.threads} threads each (OMP_NUM_THREADS; the engine also torch.set_num_threads)",
+        "device": (f"{args.device}, {args.threads} threads each (OMP_NUM_THREADS; the engine also "
+                   "torch.set_num_threads)"),
         "upstream": f"{upstream} ({_commit(upstream)}), {_python_versions(python)}",
         "engine": f"{engine_version()}, {_python_versions(sys.executable)}",
         "models": str(args.models),

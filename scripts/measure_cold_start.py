@@ -55,7 +55,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for readiness")
     parser.add_argument("--random-models", action="store_true",
                         help="real-size random-weight models (bench/random_models.py; sets MUSETALK_WEIGHTS_LOCK=none)")
-    parser.add_argument("--baseline", type=Path, help="another copy of the project to start alternately, for comparison")
+    parser.add_argument("--baseline", type=Path,
+                        help="another copy of the project to start alternately, for comparison")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.random_models:
