@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -191,8 +192,11 @@ def load_adapter(unet: torch.nn.Module, adapter: Path, name: Optional[str] = Non
         tensors = load_file(str(adapter_file(adapter)))
     except Exception as e:  # noqa: BLE001 - a header that reads but tensors that do not
         raise _invalid(f"the tensors of {adapter} do not load ({type(e).__name__}: {str(e)[:200]})") from None
-    unet.add_adapter(LoraConfig(r=info.rank, lora_alpha=info.alpha, target_modules=list(info.target_modules),
-                                init_lora_weights=True), adapter_name=info.name)
+    with warnings.catch_warnings():
+        # Several adapters on one UNet is what the engine's cache means to do.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.add_adapter(LoraConfig(r=info.rank, lora_alpha=info.alpha, target_modules=list(info.target_modules),
+                                    init_lora_weights=True), adapter_name=info.name)
     try:
         result = set_peft_model_state_dict(unet, tensors, adapter_name=info.name)
     except RuntimeError as e:  # shapes that do not fit
@@ -226,8 +230,13 @@ def use_adapter(unet: torch.nn.Module, name: Optional[str]) -> None:
 
 
 def unload_adapter(unet: torch.nn.Module, name: str) -> None:
-    """Removes adapter ``name``; removing the last one restores the UNet's original modules."""
-    unet.delete_adapters(name)
+    """Removes adapter ``name``; removing the last one restores the UNet's original modules.
+
+    Which adapter is active afterwards is peft's choice: call :func:`use_adapter` before the next use.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        unet.delete_adapters(name)
     if not getattr(unet, "peft_config", None):
         unet.unload_lora()
 
