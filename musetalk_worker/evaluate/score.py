@@ -24,6 +24,7 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..batching import batched
 from ..decode import MediaInfo, iter_video_frames, load_audio, probe
 from ..errors import ErrorCode, LipSyncError
 from ..faces import FaceAnalyzer
@@ -115,7 +116,7 @@ class Scorer:
         squared = absolute = pixels = 0.0
         frames = 0
         pairs = zip(iter_video_frames(ours, fps=FPS), iter_video_frames(theirs, fps=FPS))
-        for batch in _batched(pairs, self.options.face_batch):
+        for batch in batched(pairs, self.options.face_batch):
             for (made, real), found in zip(batch, self.faces.detect([real for _, real in batch])):
                 if found is None:
                     continue
@@ -138,7 +139,7 @@ class Scorer:
 
     def _tracks(self, info: MediaInfo) -> np.ndarray:
         boxes: List[Optional[Sequence[float]]] = []
-        for batch in _batched(iter_video_frames(info, fps=FPS), self.options.face_batch):
+        for batch in batched(iter_video_frames(info, fps=FPS), self.options.face_batch):
             boxes += [None if d is None else d.detector_box for d in self.faces.detect(batch)]
         if not any(b is not None for b in boxes):
             raise LipSyncError(ErrorCode.NO_FACE, f"no face was found in any frame of '{info.path.name}'.",
@@ -149,7 +150,7 @@ class Scorer:
     def _lip_embeddings(self, info: MediaInfo, tracks: np.ndarray, windows: int) -> torch.Tensor:
         crops = (syncnet_crop(frame, track) for frame, track in zip(iter_video_frames(info, fps=FPS), tracks))
         embeddings = []
-        for batch in _batched(_windows(crops, windows), self.options.batch_size):
+        for batch in batched(_windows(crops, windows), self.options.batch_size):
             # [B, 5, H, W, 3] BGR -> [B, 3, 5, H, W], floats in 0..255 as SyncNet was trained.
             x = torch.from_numpy(np.stack(batch)).to(self.device).permute(0, 4, 1, 2, 3).float()
             embeddings.append(self.syncnet.embed_lips(x).cpu())
@@ -183,13 +184,3 @@ def _windows(crops: Iterator[np.ndarray], count: int) -> Iterator[np.ndarray]:
             if count == 0:
                 return
 
-
-def _batched(items, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

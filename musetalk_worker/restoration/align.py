@@ -18,7 +18,7 @@ smoothing can never misplace pasted pixels; it only steadies what GFPGAN sees.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 

@@ -10,11 +10,12 @@ order of demands, so the prepared data, and the video, do not depend on it.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ...batching import batched
 from ...decode import MediaInfo, iter_video_frames, read_image
 from ...errors import ErrorCode, LipSyncError
 from ...faces import FaceAnalyzer
@@ -67,7 +68,7 @@ class Preparation:
             frames = iter([read_image(info.path)])
             self._expected = 1
         # The next batch decodes while this one is on the models.
-        self._decoded = Prefetcher(_batched(timer.timed_iter("decode", frames), options.batch_size), depth=1)
+        self._decoded = Prefetcher(batched(timer.timed_iter("decode", frames), options.batch_size), depth=1)
         self._batches: Optional[Iterator[List[np.ndarray]]] = None
         self.done = False
 
@@ -192,13 +193,3 @@ def _given_box(boxes: Sequence[box_math.Box], index: int, width: int, height: in
         )
     return tuple(box)
 
-
-def _batched(items: Iterable, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
