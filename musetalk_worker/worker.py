@@ -19,7 +19,6 @@ delivers ``adapter.safetensors`` where a video would go.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import logging
@@ -31,14 +30,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from .decode import MediaInfo, probe, probe_inputs
+from .decode import MediaInfo, probe_inputs
 from .encode import HlsOutput
 from .engine import Engine, load_engine
 from .errors import ErrorCode, LipSyncError
 from .fetch import fetch_input, parse_input
 from .hls import SegmentPublisher
 from .options import LATENTSYNC_VERSIONS, StreamOptions, WorkerSettings
-from .s3 import S3Access, failure_reason, s3_client
+from .s3 import S3Access, s3_client
 from .schema import TrainAdapterInput, parse_task
 from .upload import DeliveryPlan, deliver, plan_delivery
 from .weights import file_sha256, load_lock, present_components, verify_models
@@ -160,7 +159,9 @@ class Worker:
             job = parse_task(raw_input)
             if isinstance(job, TrainAdapterInput):
                 scratch = Path(tempfile.mkdtemp(prefix="train-", dir=_mkdir(self.settings.temp_dir)))
-                return self._train(job, job_id, scratch, progress)
+                from .training_job import run_training_job
+
+                return run_training_job(self, job, job_id, scratch, progress)
             options = job.engine_options()
             # A job naming a prepared avatar has no source to fetch.
             names = ("audio",) if job.avatar_id else ("source", "audio")
@@ -230,83 +231,6 @@ class Worker:
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
-
-    def _train(self, job: TrainAdapterInput, job_id: str, scratch: Path, progress: "_Progress") -> dict:
-        """A ``train_adapter`` job: fetch the videos, prepare them with the MuseTalk engine's face analyzer,
-        VAE and audio encoder, fit (one progress update per evaluation), deliver ``adapter.safetensors``."""
-        import torch
-
-        from .train.adapter import ADAPTER_FILE, sha256_file
-        from .train.fit import fit
-        from .train.prepare import VIDEO_SUFFIXES, DatasetPreparer, PrepareOptions
-
-        options = job.fit_options()
-        refs = [parse_input(f"videos.{i}", url, self.settings) for i, url in enumerate(job.videos)]
-        plan = _adapter_plan(plan_delivery(job.output, self.settings, job_id), job)
-        engine = self.engine("musetalk")
-
-        progress.stage("download")
-        access = S3Access.for_job(job.output.credentials if job.output else None, self.settings).pinned(self.settings)
-        if plan.kind == "s3":
-            plan = dataclasses.replace(plan, access=access)
-        videos = scratch / "videos"
-        videos.mkdir()
-        for i, ref in enumerate(refs):
-            path = fetch_input(ref, scratch, self.settings, access)
-            suffix = path.suffix.lower() if path.suffix.lower() in VIDEO_SUFFIXES else ".mp4"
-            path.rename(videos / f"clip{i:03d}{suffix}")
-
-        progress.stage("probe")
-        for i, path in enumerate(sorted(videos.iterdir())):
-            info = probe(path)
-            if info.kind != "video" or not info.has_audio:
-                raise LipSyncError(ErrorCode.UNSUPPORTED_MEDIA, f"'videos.{i}' is {info.kind} without "
-                                   f"{'a picture' if info.kind == 'audio' else 'sound'}: training needs videos of a "
-                                   "talking face with its speech.", stage="probe")
-            if info.duration_s > self.settings.max_source_s:
-                raise LipSyncError(ErrorCode.TOO_LONG, f"'videos.{i}' is {info.duration_s:.1f} s long; the limit is "
-                                   f"{self.settings.max_source_s:g} s (MUSETALK_MAX_SOURCE_SECONDS). Cut it into "
-                                   "shorter clips.", stage="probe")
-
-        progress.stage("prepare")
-        started = time.perf_counter()
-        preparer = DatasetPreparer(engine.faces, engine._vae(torch.float32), engine.audio_encoder, PrepareOptions())
-        manifest = preparer.run(videos, scratch / "cache", progress=False)
-        clips = manifest["clips"].values()
-        left_out = {c["source"]: c["reason"] for c in clips if c["status"] != "ok"}
-        if not any(c["status"] == "ok" for c in clips):
-            raise LipSyncError(ErrorCode.INVALID_INPUT, "no video of 'videos' has a face to train on: "
-                               + "; ".join(f"{k}: {v}" for k, v in left_out.items()), stage="prepare")
-
-        prepared = time.perf_counter()
-        progress.stage("train")
-
-        def emit(line: dict) -> None:
-            progress.check()
-            if "eval" in line and "adapter" not in line:  # one line per evaluation; the summary is the result
-                progress.send({"stage": "train", "step": line["step"], "steps": options.steps,
-                               **({"loss": line["loss"]} if "loss" in line else {}), "eval": line["eval"]})
-
-        out = scratch / "adapter"
-        summary = fit(scratch / "cache", self.settings.models_dir, out, options, device=self.settings.device,
-                      emit=emit)
-
-        trained = time.perf_counter()
-        progress.stage("upload")
-        path = out / ADAPTER_FILE
-        digest, size = sha256_file(path), path.stat().st_size
-        delivered = _deliver_adapter(path, plan, self.settings)
-        progress.end()
-        return {
-            **delivered, "adapter_sha256": digest, "size_bytes": size,
-            "steps": summary["steps"], "loss_start": summary["loss_start"], "loss_end": summary["loss_end"],
-            "eval": summary["eval"], "rank": options.rank,
-            "alpha": options.alpha if options.alpha is not None else float(options.rank), "version": options.version,
-            "clips": sum(c["status"] == "ok" for c in clips), "frames": sum(c.get("kept", 0) for c in clips),
-            "left_out": left_out,
-            "timings": {**progress.timings, "prepare": round(prepared - started, 3),
-                        "train": round(trained - prepared, 3), "total": progress.total()},
-        }
 
     @contextlib.contextmanager
     def _stream(self, stream: Optional[StreamOptions], plan: DeliveryPlan, scratch: Path,
@@ -383,50 +307,6 @@ def _weights_problem(settings: WorkerSettings) -> Optional[str]:
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _adapter_plan(plan: DeliveryPlan, job: TrainAdapterInput) -> DeliveryPlan:
-    """The video's plan, for an adapter file: a generated key or file name ends in ``.safetensors``."""
-    if plan.kind == "s3" and not (job.output and job.output.key):
-        return dataclasses.replace(plan, key=str(Path(plan.key).with_suffix(".safetensors")))
-    if plan.kind == "local_file":
-        return dataclasses.replace(plan, local_path=plan.local_path.with_suffix(".safetensors"))
-    return plan
-
-
-def _deliver_adapter(path: Path, plan: DeliveryPlan, settings: WorkerSettings) -> dict:
-    """Sends the adapter file where ``plan`` says: ``adapter_url`` (presigned), ``adapter_path`` or, with
-    neither a bucket nor an output folder, ``adapter_base64`` when it fits in a result.
-
-    Raises:
-        LipSyncError(upload_failed): the bucket refuses it, or it is too large to return inline.
-    """
-    if plan.kind == "s3":
-        where = f"s3://{plan.bucket}/{plan.key}"
-        try:
-            client = s3_client(plan.access, settings)
-            client.upload_file(str(path), plan.bucket, plan.key, ExtraArgs={"ContentType": "application/octet-stream"})
-            url = client.generate_presigned_url("get_object", Params={"Bucket": plan.bucket, "Key": plan.key},
-                                                ExpiresIn=plan.expires_in)
-        except LipSyncError as err:
-            raise LipSyncError(err.code, err.message, stage="upload") from None
-        except Exception as err:  # noqa: BLE001 - boto3's errors, named
-            raise LipSyncError(ErrorCode.UPLOAD_FAILED, f"could not upload the adapter to {where}: "
-                               f"{failure_reason(err)}.", stage="upload") from None
-        return {"delivery": "s3", "adapter_url": url, "bucket": plan.bucket, "key": plan.key,
-                "url_expires_in": plan.expires_in}
-    if plan.kind == "local_file":
-        plan.local_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(path), plan.local_path)
-        return {"delivery": "local_file", "adapter_path": str(plan.local_path)}
-    size = path.stat().st_size
-    if size > settings.max_inline_result_bytes:
-        raise LipSyncError(
-            ErrorCode.UPLOAD_FAILED,
-            f"the adapter is {size / 1e6:.1f} MB, more than the {settings.max_inline_result_bytes / 1e6:.1f} MB that "
-            "fit in a RunPod result; configure a bucket (BUCKET_* variables, or output.bucket and "
-            "output.credentials in the job).", stage="upload")
-    return {"delivery": "inline", "adapter_base64": base64.b64encode(path.read_bytes()).decode("ascii")}
 
 
 def _checked_adapter(path: Path, sha256: str) -> Path:

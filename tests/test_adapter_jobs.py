@@ -280,19 +280,19 @@ def test_a_training_job_reports_each_evaluation_and_uploads_an_adapter_a_job_can
 
 def test_an_adapter_is_delivered_inline_or_to_the_output_folder(lora, tmp_path):
     from musetalk_worker.upload import DeliveryPlan
-    from musetalk_worker.worker import _deliver_adapter
+    from musetalk_worker.training_job import deliver_adapter
 
     settings = WorkerSettings(models_dir=tmp_path, output_dir=None)
     data = (lora / adapters.ADAPTER_FILE).read_bytes()
-    inline = _deliver_adapter(_write(tmp_path / "a.safetensors", data), DeliveryPlan(kind="inline"), settings)
+    inline = deliver_adapter(_write(tmp_path / "a.safetensors", data), DeliveryPlan(kind="inline"), settings)
     assert inline["delivery"] == "inline" and base64.b64decode(inline["adapter_base64"]) == data
     target = tmp_path / "out" / "job.safetensors"
-    local = _deliver_adapter(_write(tmp_path / "b.safetensors", data), DeliveryPlan(kind="local_file",
+    local = deliver_adapter(_write(tmp_path / "b.safetensors", data), DeliveryPlan(kind="local_file",
                                                                                      local_path=target), settings)
     assert local == {"delivery": "local_file", "adapter_path": str(target)} and target.read_bytes() == data
     small = dataclasses.replace(settings, max_inline_result_bytes=10)
     with pytest.raises(LipSyncError, match="the adapter is .* MB, more than"):
-        _deliver_adapter(_write(tmp_path / "c.safetensors", data), DeliveryPlan(kind="inline"), small)
+        deliver_adapter(_write(tmp_path / "c.safetensors", data), DeliveryPlan(kind="inline"), small)
 
 
 def test_a_bad_training_job_is_refused_before_any_work(worker, job):

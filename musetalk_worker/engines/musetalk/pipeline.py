@@ -418,7 +418,7 @@ class MuseTalkPipeline:
     def _generator(self, options: MuseTalkOptions) -> FaceGenerator:
         dtype = self._half_dtype() if options.fp16 else torch.float32
         fixed_batch = options.batch_size if self.acceleration.compile != "off" else None
-        return FaceGenerator(self._unet(options.version, dtype), self._vae(dtype), fixed_batch)
+        return FaceGenerator(self._unet(options.version, dtype), self.vae(dtype), fixed_batch)
 
     def _activate_adapter(self, options: MuseTalkOptions, generator: FaceGenerator, adapter: Optional[Path]) -> None:
         """Makes ``adapter`` the active LoRA of the job's UNet (loading it, or taking it from the cache), or
@@ -494,7 +494,8 @@ class MuseTalkPipeline:
             )
         return getattr(torch, self.acceleration.half_dtype)
 
-    def _vae(self, dtype: torch.dtype) -> torch.nn.Module:
+    def vae(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The autoencoder in ``dtype`` (loaded, and sped up as the deployment says, on first use)."""
         if dtype not in self._vaes:
             vae = load_vae(self.models_dir, self.device, dtype)
             speed_up(vae.decoder, self.acceleration)
@@ -505,7 +506,7 @@ class MuseTalkPipeline:
         if (version, dtype) not in self._unets:
             unet = load_unet(self.models_dir, version, self.device, dtype)
             self._unets[(version, dtype)] = speed_up(unet, self.acceleration)
-            self._vae(dtype)
+            self.vae(dtype)
         return self._unets[(version, dtype)]
 
 
