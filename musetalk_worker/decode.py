@@ -68,7 +68,9 @@ def probe(path: Path) -> MediaInfo:
     if proc.returncode != 0:
         raise LipSyncError(
             ErrorCode.UNSUPPORTED_MEDIA,
-            f"'{path.name}' is not a media file ffmpeg can read ({_last_line(proc.stderr)}). "
+            # ffmpeg names the file by its full path: the caller knows it only by its name.
+            f"'{path.name}' is not a media file ffmpeg can read "
+            f"({_last_line(proc.stderr.replace(str(path), path.name))}). "
             "Send a video (mp4, mov, webm, mkv, avi), an image (png, jpg, webp) or audio "
             "(wav, mp3, m4a, ogg, flac).",
             stage="probe",
