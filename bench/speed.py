@@ -82,7 +82,8 @@ LATENTSYNC_STAGES = (
     ("faces", "faces: detection + landmarks (source frames, as read)", "source"),
     ("align", "align: warp faces to the model's size", "output"),
     ("generate", "generate: DDIM steps (UNet) + VAE", "output"),
-    ("restore", "restore: paste faces back", "output"),
+    ("paste", "paste: faces warped back into their frames", "output"),
+    ("restore", "restore: GFPGAN v1.4 + warps in and out (on the device)", "output"),
     ("read", "read (aligned source frames from the spill)", "output"),
     ("encode", "encode (ffmpeg; the codec is in the header)", "output"),
 )
@@ -420,7 +421,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.repeat_with_cache:
             parser.error("--repeat-with-cache is MuseTalk's: LatentSync has no avatar cache")
         if args.restore:
-            parser.error("--restore is MuseTalk's: LatentSync refuses the restore option")
+            parser.error("--restore measures MuseTalk's face restoration; run it without --model latentsync")
         # One configuration per dtype (and compile mode): LatentSync's chunk is fixed.
         args.batch_sizes = [LATENTSYNC_CHUNK]
     unknown = sorted(set(args.dtypes) - {"fp32", *HALF_DTYPES})

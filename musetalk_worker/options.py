@@ -97,8 +97,7 @@ class MuseTalkOptions:
     def __post_init__(self) -> None:
         if self.version not in VERSIONS:
             _invalid("version", self.version, f"one of {', '.join(VERSIONS)}")
-        if self.restore_region not in RESTORE_REGIONS:
-            _invalid("restore_region", self.restore_region, f"one of {', '.join(RESTORE_REGIONS)}")
+        _check_restore_region(self)
         if self.restore and self.boxes is not None:
             raise LipSyncError(
                 ErrorCode.INVALID_INPUT,
@@ -140,6 +139,9 @@ class LatentSyncOptions:
             (DeepCache, interval 3), about 2.5x faster for a small change (true).
         fp16: compute in half precision (GPU only).
         crf: video quality, as for MuseTalk.
+        restore, restore_weight, restore_region: GFPGAN face restoration, as
+            for MuseTalk (``face`` is the whole aligned face LatentSync pastes
+            back, ``mouth`` only around the mouth).
     """
 
     version: str = "1.6"
@@ -149,8 +151,12 @@ class LatentSyncOptions:
     deepcache: bool = True
     fp16: bool = False
     crf: int = 18
+    restore: bool = False
+    restore_weight: float = 0.7
+    restore_region: RestoreRegion = "face"
 
     def __post_init__(self) -> None:
+        _check_restore_region(self)
         if self.version not in LATENTSYNC_VERSIONS:
             _invalid("version", self.version, f"one of {', '.join(LATENTSYNC_VERSIONS)} for model 'latentsync'")
         _check_ranges(self)
@@ -163,6 +169,11 @@ class LatentSyncOptions:
 JobOptions = Union[MuseTalkOptions, LatentSyncOptions]
 # A job's ``model`` -> the class of its options.
 ENGINE_OPTIONS: Dict[str, type] = {"musetalk": MuseTalkOptions, "latentsync": LatentSyncOptions}
+
+
+def _check_restore_region(options: object) -> None:
+    if options.restore_region not in RESTORE_REGIONS:
+        _invalid("restore_region", options.restore_region, f"one of {', '.join(RESTORE_REGIONS)}")
 
 
 def _check_ranges(options: object) -> None:

@@ -158,7 +158,7 @@ def test_speed_measures_latentsync(latentsync_models, tmp_path, media_dir):
     assert str(latentsync_models.resolve()) in done.stdout
     (report,) = json.loads(out.read_text())["reports"]
     (run,) = report["runs"]
-    assert run["frames"] == 25 and {"faces", "generate", "restore", "encode"} <= set(run["timings"])
+    assert run["frames"] == 25 and {"faces", "generate", "paste", "encode"} <= set(run["timings"])
 
 
 def test_memory_compares_two_latentsync_lengths(latentsync_models, tmp_path, media_dir):

@@ -288,3 +288,43 @@ def _answers(url: str) -> bool:
         return requests.get(url, timeout=2).status_code == 200
     except requests.ConnectionError:
         return False
+
+
+def _written_frames(engine, clips, tmp_path, monkeypatch, name: str, **options) -> np.ndarray:
+    """The raw frames the job hands the encoder (the mp4 itself is lossy)."""
+    from musetalk_worker.engines.latentsync import pipeline as pipeline_module
+
+    frames = []
+    real = pipeline_module.VideoEncoder.write
+    monkeypatch.setattr(pipeline_module.VideoEncoder, "write",
+                        lambda self, frame: frames.append(frame.copy()) or real(self, frame))
+    engine(clips["face30.mp4"], clips["speech.wav"], tmp_path / f"{name}.mp4",
+           LatentSyncOptions(steps=1, guidance=1.0, **options))
+    monkeypatch.undo()
+    return np.stack(frames)
+
+
+def test_face_restoration_on_latentsync_faces(engine, clips, tmp_path, monkeypatch):
+    # GFPGAN's real architecture at 64 px with random weights (test_restoration's), in place of the 512 px release.
+    from test_restoration import _tiny_restorer
+
+    with pytest.raises(LipSyncError) as missing:
+        engine(clips["face30.mp4"], clips["speech.wav"], tmp_path / "x.mp4", LatentSyncOptions(restore=True))
+    assert missing.value.code is ErrorCode.MODELS_MISSING and "WEIGHT_COMPONENTS=default,gfpgan" in str(missing.value)
+    engine.restorer = _tiny_restorer()
+    try:
+        plain = _written_frames(engine, clips, tmp_path, monkeypatch, "plain")
+        zero = _written_frames(engine, clips, tmp_path, monkeypatch, "zero", restore=True, restore_weight=0.0)
+        restored = _written_frames(engine, clips, tmp_path, monkeypatch, "restored", restore=True)
+        again = _written_frames(engine, clips, tmp_path, monkeypatch, "again", restore=True)
+        mouth = _written_frames(engine, clips, tmp_path, monkeypatch, "mouth", restore=True, restore_region="mouth")
+    finally:
+        engine.restorer = None
+    np.testing.assert_array_equal(zero, plain)
+    np.testing.assert_array_equal(again, restored)
+    changed = np.any(restored != plain, axis=3)
+    assert changed.any(axis=(1, 2)).all(), "every frame (all have a face) is restored"
+    rows, cols = np.nonzero(changed.any(axis=0))
+    # The face lies in the middle of the frame; nothing near its edges changes.
+    assert rows.min() > 0.1 * plain.shape[1] and cols.min() > 0.1 * plain.shape[2]
+    assert np.any(mouth != plain) and not np.any((mouth != plain).any(axis=3) & ~changed)

@@ -12,7 +12,8 @@ import pytest
 
 from musetalk_worker.errors import ErrorCode, LipSyncError
 from musetalk_worker.options import (
-    ENGINE_OPTIONS, LIMITS, STREAM_LIMITS, VIDEO_CODECS, MuseTalkOptions, StreamOptions, WorkerSettings,
+    ENGINE_OPTIONS, LIMITS, STREAM_LIMITS, VIDEO_CODECS, LatentSyncOptions, MuseTalkOptions, StreamOptions,
+    WorkerSettings,
 )
 from musetalk_worker.schema import JobInput, StreamSpec, engine_field_names, parse_job
 
@@ -220,9 +221,9 @@ def test_restore_options_are_checked_and_refused_where_they_cannot_work():
     assert "'restore_weight' is 1.2; it must be a number from 0.0 to 1.0" in _error({**base, "restore_weight": 1.2})
     assert "'restore_region' is 'eyes'; it must be one of face, mouth" in _error({**base, "restore_region": "eyes"})
     assert "'restore' is 'yes'; it must be true or false" in _error({**base, "restore": "yes"})
-    # LatentSync does not take them (yet): refused by name, as any other model's option.
-    refused = _error({**base, "model": "latentsync", "restore": True})
-    assert "'restore' is not an option of model 'latentsync' (only of 'musetalk')" in refused
+    # LatentSync takes them too.
+    ls = parse_job({**base, "model": "latentsync", "restore": True, "restore_region": "mouth"}).engine_options()
+    assert ls == LatentSyncOptions(restore=True, restore_region="mouth")
     assert "'restore' cannot be used with 'boxes'" in _error({**base, "restore": True, "boxes": [[0, 0, 10, 10]]})
 
 

@@ -10,8 +10,9 @@ stays flat whatever the length:
    and spilled to a scratch file; the output runs forwards, then backwards
    over them until the audio ends.
 3. **Per chunk**: warp and resize the faces, denoise them (DDIM, guidance,
-   DeepCache), paste the mouth, warp back into the frames, encode. Frames
-   without a face pass through unchanged.
+   DeepCache), paste the mouth, warp back into the frames (``paste``), with
+   ``restore`` run GFPGAN on the new faces, encode. Frames without a face pass
+   through unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from ...errors import ErrorCode, LipSyncError
 from ...faces import FaceAnalyzer, load_face_analyzer
 from ...frame_spill import FrameSpill
 from ...options import Acceleration, EngineConfig, LatentSyncOptions
+from ...restoration.align import SMOOTH_RADIUS, AlignmentTrack, context_window, five_points
+from ...restoration.network import WEIGHTS as RESTORER_WEIGHTS
+from ...restoration.network import FaceRestorer, load_restorer, missing_weights
+from ...restoration.warp import Placement, restore_regions
 from ...timing import StageTimer
 from .align import FaceAligner, FaceGeometry, points_from_68, resize_faces, warp_faces
 from .audio import AudioFeatures, audio_frame_count
@@ -57,8 +62,10 @@ class LatentSyncPipeline:
     """
 
     def __init__(self, models_dir: Path, device: torch.device, faces: FaceAnalyzer,
-                 acceleration: Acceleration = Acceleration(), video_codec: str = "libx264"):
+                 acceleration: Acceleration = Acceleration(), video_codec: str = "libx264",
+                 restorer: Optional[FaceRestorer] = None):
         self.models_dir = Path(models_dir)
+        self.restorer = restorer
         self.device = device
         self.faces = faces
         self.acceleration = acceleration
@@ -69,8 +76,13 @@ class LatentSyncPipeline:
     def from_config(cls, config: EngineConfig) -> "LatentSyncPipeline":
         """Loads the face back-end, and the versions ``config.versions`` names (others load at first use)."""
         device = resolve_device(config.device)
+        # GFPGAN is optional: loaded when the image has its weights, else restore jobs are refused.
+        restorer = None
+        if (Path(config.models_dir) / RESTORER_WEIGHTS).is_file():
+            restorer = load_restorer(config.models_dir, device, config.acceleration.restore_dtype,
+                                     config.acceleration.restore_batch)
         pipe = cls(config.models_dir, device, load_face_analyzer(config.landmarks, config.models_dir, device),
-                   config.acceleration, choose_video_codec(config.video_encoder))
+                   config.acceleration, choose_video_codec(config.video_encoder), restorer)
         for version in config.versions:
             pipe.models(version, pipe._dtype(bool(config.fp16)))
         return pipe
@@ -112,6 +124,9 @@ class LatentSyncPipeline:
             faces = torch.full((1, 3, size, size), 127, dtype=torch.uint8, device=self.device)
             width = models.audio.encoder.dims.n_audio_state
             denoiser(faces, torch.zeros(1, 50, width, device=self.device, dtype=dtype))
+        if self.restorer is not None:
+            size = self.restorer.size
+            self.restorer(torch.zeros(1, 3, size, size, device=self.device))
 
     def __call__(
         self,
@@ -138,6 +153,8 @@ class LatentSyncPipeline:
         if avatar_id is not None or source is None:
             raise LipSyncError(ErrorCode.INVALID_INPUT, "LatentSync needs the 'source' (avatar ids are MuseTalk's).",
                                stage="validate")
+        if options.restore and self.restorer is None:
+            raise missing_weights(self.models_dir)
         report = progress or (lambda stage, done, total: None)
         timer = StageTimer(self.device)
         models = self.models(options.version, self._dtype(options.fp16))
@@ -163,7 +180,7 @@ class LatentSyncPipeline:
             report("generate", 0, total)
             for start in range(0, total, CHUNK):
                 stop = min(start + CHUNK, total)
-                for frame in self._chunk(frames, features, denoiser, geometry, start, stop, timer):
+                for frame in self._chunk(frames, features, denoiser, geometry, start, stop, options, timer):
                     with timer("encode"):
                         encoder.write(np.ascontiguousarray(frame[..., ::-1]))
                 report("generate", stop, total)
@@ -182,8 +199,9 @@ class LatentSyncPipeline:
         )
 
     def _chunk(self, frames: "_AlignedSource", features: AudioFeatures, denoiser: ChunkDenoiser,
-               geometry: FaceGeometry, start: int, stop: int, timer: StageTimer) -> List[np.ndarray]:
-        """Output frames ``start:stop`` (RGB): faces warped, denoised, pasted and warped back."""
+               geometry: FaceGeometry, start: int, stop: int, options: LatentSyncOptions,
+               timer: StageTimer) -> List[np.ndarray]:
+        """Output frames ``start:stop`` (RGB): faces warped, denoised, pasted, warped back and restored."""
         sources = [frames.output_source(i) for i in range(start, stop)]
         with timer("read"):
             pictures = [frames[j] for j in sources]
@@ -199,11 +217,45 @@ class LatentSyncPipeline:
             audio = features.chunk(start, stop)[with_face]
         with timer.device("generate"):
             pasted = denoiser(faces.to(self.device), audio.to(self.device, denoiser.models.dtype))
-        with timer.device("restore"):
-            restored, _ = restore_frames(batch, pasted.float(), matrices.to(self.device), geometry)
+        with timer.device("paste"):
+            restored, box = restore_frames(batch, pasted.float(), matrices.to(self.device), geometry)
+        # A weight of 0 takes nothing of the restored face: skip the network, same frames as restore off.
+        if options.restore and options.restore_weight > 0:
+            with timer.device("restore"):
+                restored = self._restore_faces(restored, [sources[k] for k in with_face], box, frames, options)
         for position, k in enumerate(with_face):
             pictures[k] = restored[position]
         return pictures
+
+    def _restore_faces(self, restored: np.ndarray, sources: List[int], box: Tuple[int, int, int, int],
+                       frames: "_AlignedSource", options: LatentSyncOptions) -> np.ndarray:
+        """GFPGAN on the new faces (RGB frames, B x H x W x 3) inside ``box``, the region the paste changed.
+
+        Each face is aligned to GFPGAN's template by its source frame's smoothed five points; the restored
+        pixels replace ``restore_weight`` times the region weight (the aligned face, or its mouth) of the
+        pasted ones.
+        """
+        height, width = restored.shape[1:3]
+        placements = []
+        for j in sources:
+            frames.ensure(j + SMOOTH_RADIUS)  # the smoothing looks that far ahead
+            to_aligned = frames.track.matrix(j)
+            placements.append(Placement(to_aligned, context_window(to_aligned, box, width, height), box))
+        rows, cols = box[3] - box[1], box[2] - box[0]
+        window_h = max(p.window[3] - p.window[1] for p in placements)
+        window_w = max(p.window[2] - p.window[0] for p in placements)
+        windows = np.zeros((len(placements), window_h, window_w, 3), np.uint8)
+        for i, p in enumerate(placements):
+            x1, y1, x2, y2 = p.window
+            windows[i, : y2 - y1, : x2 - x1] = restored[i, y1:y2, x1:x2, ::-1]  # restore_regions takes BGR
+        pixels, share = restore_regions(self.restorer, torch.from_numpy(windows).to(self.device), placements,
+                                        rows, cols, options.restore_region)
+        x1, y1, x2, y2 = box
+        pasted = torch.from_numpy(np.ascontiguousarray(restored[:, y1:y2, x1:x2, ::-1])).to(self.device).float()
+        mixed = pasted + (options.restore_weight * share) * (pixels - pasted)
+        out = restored.copy()
+        out[:, y1:y2, x1:x2] = mixed.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()[..., ::-1]
+        return out
 
     def _dtype(self, fp16: bool) -> torch.dtype:
         if not fp16:
@@ -233,6 +285,9 @@ class _AlignedSource:
         self._faces, self._aligner, self._timer = faces, aligner, timer
         self._frames = FrameSpill(scratch / "frames.bin", info.height, info.width)
         self._matrices: List[Optional[torch.Tensor]] = []
+        # GFPGAN's five points per frame (None without a face), and their smoothed alignment.
+        self._points: List[Optional[np.ndarray]] = []
+        self.track = AlignmentTrack(lambda i: self._points[i], lambda: len(self))
         # Generators both, so an early end can close the decoder.
         decoded = iter_video_frames(info, fps=FPS) if info.kind == "video" else (f for f in [read_image(info.path)])
         self._decoded: Optional[Generator[np.ndarray, None, None]] = decoded
@@ -256,10 +311,14 @@ class _AlignedSource:
         """Source frame ``index``'s (2, 3) alignment matrix, or None when it has no face."""
         return self._matrices[index]
 
-    def output_source(self, index: int) -> int:
-        """The source frame of output frame ``index``, preparing source frames up to it when needed."""
+    def ensure(self, index: int) -> None:
+        """Prepares source frames up to ``index`` (or the source's end)."""
         while self._decoded is not None and len(self) <= index:
             self._prepare_batch()
+
+    def output_source(self, index: int) -> int:
+        """The source frame of output frame ``index``, preparing source frames up to it when needed."""
+        self.ensure(index)
         if len(self) == 0:
             raise LipSyncError(ErrorCode.UNSUPPORTED_MEDIA, "the source video has no frames to decode.",
                                stage="decode")
@@ -283,6 +342,8 @@ class _AlignedSource:
             index = self._frames.append(frame[..., ::-1])
             if detection is None:
                 self._matrices.append(None)
+                self._points.append(None)
                 continue
             self._matrices.append(self._aligner.fit(points_from_68(detection.landmarks), index))
+            self._points.append(five_points(detection.landmarks))
             self.faces += 1
