@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from typing import Optional
+
 import torch
 from safetensors.torch import load_file
 
@@ -53,6 +55,11 @@ class FaceRestorer:
             restored.append((y.float().clamp(-1, 1) + 1) / 2 * 255)
         return torch.cat(restored)
 
+    def warm_up(self) -> None:
+        """Runs the network once on a zero face, so the first job pays no kernel set-up."""
+        device = next(self.net.parameters()).device
+        self(torch.zeros(1, 3, self.size, self.size, device=device))
+
 
 def missing_weights(models_dir: Path) -> LipSyncError:
     """The ``models_missing`` error of a job asking for ``restore`` on a worker without GFPGAN's weights."""
@@ -64,6 +71,15 @@ def missing_weights(models_dir: Path) -> LipSyncError:
         f"{models_dir} --components {COMPONENT} --convert-unet {COMPONENT}`; or set 'restore' to false.",
         stage="validate",
     )
+
+
+def installed_restorer(models_dir: Path, device: torch.device, dtype: str = "float32",
+                       batch: int = 8) -> Optional[FaceRestorer]:
+    """GFPGAN when the models folder has its weights (:func:`load_restorer`), else None: restoration is optional,
+    and a job asking for it on such a worker gets :func:`missing_weights`."""
+    if not (Path(models_dir) / WEIGHTS).is_file():
+        return None
+    return load_restorer(models_dir, device, dtype, batch)
 
 
 def load_restorer(models_dir: Path, device: torch.device, dtype: str = "float32", batch: int = 8) -> FaceRestorer:

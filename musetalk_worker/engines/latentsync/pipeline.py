@@ -35,8 +35,7 @@ from ...faces import FaceAnalyzer, load_face_analyzer
 from ...frame_spill import FrameSpill
 from ...options import Acceleration, EngineConfig, LatentSyncOptions
 from ...restoration.align import SMOOTH_RADIUS, AlignmentTrack, context_window, five_points
-from ...restoration.network import WEIGHTS as RESTORER_WEIGHTS
-from ...restoration.network import FaceRestorer, load_restorer, missing_weights
+from ...restoration.network import FaceRestorer, installed_restorer, missing_weights
 from ...restoration.warp import Placement, restore_regions
 from ...timing import StageTimer
 from .align import FaceAligner, FaceGeometry, points_from_68, resize_faces, warp_faces
@@ -76,11 +75,8 @@ class LatentSyncPipeline:
     def from_config(cls, config: EngineConfig) -> "LatentSyncPipeline":
         """Loads the face back-end, and the versions ``config.versions`` names (others load at first use)."""
         device = resolve_device(config.device)
-        # GFPGAN is optional: loaded when the image has its weights, else restore jobs are refused.
-        restorer = None
-        if (Path(config.models_dir) / RESTORER_WEIGHTS).is_file():
-            restorer = load_restorer(config.models_dir, device, config.acceleration.restore_dtype,
-                                     config.acceleration.restore_batch)
+        restorer = installed_restorer(config.models_dir, device, config.acceleration.restore_dtype,
+                                      config.acceleration.restore_batch)
         pipe = cls(config.models_dir, device, load_face_analyzer(config.landmarks, config.models_dir, device),
                    config.acceleration, choose_video_codec(config.video_encoder), restorer)
         for version in config.versions:
@@ -110,9 +106,9 @@ class LatentSyncPipeline:
     def models(self, version: str, dtype: torch.dtype) -> LatentSyncModels:
         """The loaded models of ``version`` in ``dtype`` (loaded now if they are not yet)."""
         if (version, dtype) not in self._models:
-            self._models[(version, dtype)] = LatentSyncModels.load(
-                self.model_folder(version), self.device, dtype, resolution=_resolution(self.model_folder(version),
-                                                                                        version))
+            folder = self.model_folder(version)
+            self._models[(version, dtype)] = LatentSyncModels.load(folder, self.device, dtype,
+                                                                   resolution=_resolution(folder, version))
         return self._models[(version, dtype)]
 
     def warm_up(self) -> None:
@@ -125,8 +121,7 @@ class LatentSyncPipeline:
             width = models.audio.encoder.dims.n_audio_state
             denoiser(faces, torch.zeros(1, 50, width, device=self.device, dtype=dtype))
         if self.restorer is not None:
-            size = self.restorer.size
-            self.restorer(torch.zeros(1, 3, size, size, device=self.device))
+            self.restorer.warm_up()
 
     def __call__(
         self,

@@ -39,8 +39,7 @@ from ...faces import FaceAnalyzer, load_face_analyzer
 from ...options import Acceleration, EngineConfig, MuseTalkOptions
 from ...overlap import BackgroundConsumer, Prefetcher
 from ...restoration.align import SMOOTH_RADIUS, AlignmentTrack, context_window
-from ...restoration.network import WEIGHTS as RESTORER_WEIGHTS
-from ...restoration.network import FaceRestorer, load_restorer, missing_weights
+from ...restoration.network import FaceRestorer, installed_restorer, missing_weights
 from ...restoration.warp import Placement
 from ...timing import StageTimer
 from .audio import AudioEncoder, AudioPrompts
@@ -132,10 +131,7 @@ class MuseTalkPipeline:
         chosen = resolve_device(device)
         faces = load_face_analyzer(landmarks, models_dir, chosen)
         cache = AvatarCache(cache_dir, cache_max_bytes) if cache_dir is not None else None
-        # GFPGAN is optional: loaded when the image has its weights, else restore jobs are refused.
-        restorer = None
-        if (Path(models_dir) / RESTORER_WEIGHTS).is_file():
-            restorer = load_restorer(models_dir, chosen, acceleration.restore_dtype, acceleration.restore_batch)
+        restorer = installed_restorer(models_dir, chosen, acceleration.restore_dtype, acceleration.restore_batch)
         pipe = cls(
             models_dir, chosen, faces, load_audio_encoder(models_dir, chosen), load_face_parser(models_dir, chosen),
             cache, acceleration, choose_video_codec(video_encoder), restorer,
@@ -165,8 +161,7 @@ class MuseTalkPipeline:
             size = generator.fixed_batch or 1
             generator.decode(generator.predict_latents(torch.zeros(size, 8, 32, 32), torch.zeros(size, 50, 384)))
         if self.restorer is not None:
-            size = self.restorer.size
-            self.restorer(torch.zeros(1, 3, size, size, device=self.device))
+            self.restorer.warm_up()
 
     def __call__(
         self,
