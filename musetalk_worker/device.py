@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from .errors import ErrorCode, LipSyncError
 
@@ -51,3 +51,16 @@ def resolve_device(device: str = "auto") -> "torch.device":
     if chosen.type == "mps" and not torch.backends.mps.is_available():
         raise LipSyncError(ErrorCode.INVALID_INPUT, "device 'mps' was asked for but Apple's MPS is not available")
     return chosen
+
+
+def images_per_call(device: "torch.device") -> Optional[int]:
+    """How many images the convolutional image networks (the VAE, face parsing) take per call on ``device``.
+
+    On the CPU, one: the activations of one 256x256 image stay in the caches,
+    a batch's do not, and one image at a time measured faster per image for
+    the VAE's encoder and decoder and for BiSeNet, with the small and the
+    real-size models (``bench/images_per_call.py``; bench/README.md has the
+    figures). It also makes each image's result independent of the batch it
+    came in. On CUDA and MPS, None: the whole batch in one call.
+    """
+    return 1 if device.type == "cpu" else None

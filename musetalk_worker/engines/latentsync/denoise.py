@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from ...batching import in_calls
+from ...device import images_per_call
 from .align import reference_pixels
 from .audio import guidance_audio_embeds
 from .models import LatentSyncModels
@@ -113,6 +115,8 @@ class ChunkDenoiser:
         self.scheduler.set_timesteps(settings.steps, device=models.device)
         shape = (1, vae.latent_channels, 1, self.latent_size, self.latent_size)
         self.initial_noise = draw_noise(generator, shape).to(models.device, models.dtype)
+        # The VAE takes the chunk's frames in calls of what the device runs fastest (device.images_per_call).
+        self.images_per_call = images_per_call(models.device)
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -154,7 +158,9 @@ class ChunkDenoiser:
         """The scaled latent video ``(1, 4, f, l, l)`` sampled from the VAE posterior of ``pixels``, and that
         posterior. The sample is ``mean + std * noise`` as diffusers', with the noise from :func:`draw_noise`."""
         vae = self.models.vae
-        posterior = vae.encode(pixels.to(self.models.device, self.models.dtype)).latent_dist
+        moments = in_calls(lambda part: vae.encode(part).latent_dist.parameters,
+                           pixels.to(self.models.device, self.models.dtype), self.images_per_call)
+        posterior = DiagonalGaussianDistribution(moments)
         sample = posterior.mean + posterior.std * draw_noise(self.generator, posterior.mean.shape).to(posterior.mean)
         return frames_to_video((sample - vae.config.shift_factor) * vae.config.scaling_factor), posterior
 
@@ -182,7 +188,9 @@ class ChunkDenoiser:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The decoded faces ``(f, 3, r, r)`` of a latent video, not clamped."""
         vae = self.models.vae
-        return vae.decode(video_to_frames(latents / vae.config.scaling_factor + vae.config.shift_factor)).sample
+        return in_calls(lambda part: vae.decode(part).sample,
+                        video_to_frames(latents / vae.config.scaling_factor + vae.config.shift_factor),
+                        self.images_per_call)
 
     def paste(self, decoded: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         """The decoded faces inside the mouth mask, the chunk's reference pixels outside it (aligned space)."""

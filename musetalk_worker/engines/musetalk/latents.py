@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from ...batching import in_calls
+from ...device import images_per_call
 from .boxes import Box
 
 CROP_SIZE = 256
@@ -23,19 +25,13 @@ def crop_face(frame: np.ndarray, box: Box) -> np.ndarray:
 class LatentEncoder:
     """Encodes face crops into the UNet's 8-channel reference latents.
 
-    ``crops_per_call``: how many crops go through the encoder at once (each
-    with its two images, masked and whole, in one call); 0 (the default):
-    every crop given. The latents are the same bit for bit either way
-    (checked on the CPU: each image's convolutions do not depend on the others
-    in its batch). Upstream encodes one image per call; on 2 loaded CPU cores,
-    4 crops with the real-size encoder took 37.3 s one crop per call and
-    44.4 s in one call, then 43.6 s and 31.2 s in a second pair: no
-    measurable winner yet, so the default stays one call.
+    The encoder takes :func:`device.images_per_call` images per call (on the
+    CPU one: each latent is then the same whatever else was in the batch).
     """
 
-    def __init__(self, vae: AutoencoderKL, crops_per_call: int = 0):
+    def __init__(self, vae: AutoencoderKL):
         self.vae = vae
-        self.crops_per_call = crops_per_call
+        self.images_per_call = images_per_call(next(vae.parameters()).device)
 
     @torch.inference_mode()
     def encode(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
@@ -45,16 +41,16 @@ class LatentEncoder:
         UNet must generate), channels 4-7 the whole crop. The posterior mode is
         used, not a sample, so the same input always gives the same output.
         """
-        step = self.crops_per_call or len(crops)
-        return torch.cat([self._encode(crops[i : i + step]) for i in range(0, len(crops), step)])
-
-    def _encode(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
         param = next(self.vae.parameters())
         rgb = np.stack([c[:, :, ::-1] for c in crops])
-        x = torch.from_numpy(rgb).to(param.device).permute(0, 3, 1, 2).float() / 255.0
+        # NCHW in memory, as upstream feeds its encoder.
+        x = torch.from_numpy(rgb).to(param.device).permute(0, 3, 1, 2).float().contiguous() / 255.0
         masked = x.clone()
         masked[:, :, CROP_SIZE // 2 :, :] = 0
-        images = torch.cat([masked, x]) * 2.0 - 1.0
-        latents = self.vae.encode(images.to(param.dtype)).latent_dist.mode() * self.vae.config.scaling_factor
+        images = (torch.cat([masked, x]) * 2.0 - 1.0).to(param.dtype)
+        latents = in_calls(self._latent, images, self.images_per_call)
         masked_latents, whole_latents = latents.float().chunk(2)
         return torch.cat([masked_latents, whole_latents], dim=1).cpu()
+
+    def _latent(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).latent_dist.mode() * self.vae.config.scaling_factor

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ...batching import in_calls
+from ...device import images_per_call
 from .bisenet import BiSeNet
 from .boxes import Box, blend_square
 
@@ -61,6 +63,7 @@ class MaskMaker:
         """``pool``: threads for the per-frame image work (OpenCV and PIL release the GIL)."""
         self.net = net
         self._map = pool.map if pool is not None else map
+        self.images_per_call = images_per_call(next(net.parameters()).device)
         self.mode = mode
         self._dilate = _jaw_dilation_kernel()
         self._erode = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3))
@@ -80,8 +83,9 @@ class MaskMaker:
         x = torch.from_numpy(batch).to(param.device).permute(0, 3, 1, 2).float().div_(255)
         mean = torch.tensor(_IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(_IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        logits = self.net(((x - mean) / std).to(param.dtype))
-        return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        classes = in_calls(lambda part: self.net(part).argmax(dim=1), ((x - mean) / std).to(param.dtype),
+                           self.images_per_call)
+        return classes.to(torch.uint8).cpu().numpy()
 
     def region(self, classes: np.ndarray) -> np.ndarray:
         """The 512x512 mask (0/255) of the parsing mode, from parsing classes."""

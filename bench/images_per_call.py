@@ -1,0 +1,131 @@
+"""How many images per call the engine's networks run fastest with, on one device.
+
+The engine feeds the VAE's encoder and decoder and BiSeNet face parsing
+:func:`musetalk_worker.device.images_per_call` images per call (one on the
+CPU, the whole batch elsewhere) and the UNet whole batches. This measures the
+per-image time of each network at several call sizes, on the same random
+inputs, so that choice can be checked on a new machine (an Apple Mac, a
+different CPU)::
+
+    python -m bench.images_per_call --device cpu --sizes 1 2 8
+    python -m bench.images_per_call --models ~/.cache/musetalk-worker/bench-models --sizes 1 4 --repeats 1
+
+Each figure is the fastest of ``--repeats`` timed passes over ``max(sizes)``
+images after one untimed pass. Default models: the parity fixture's small ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import FIXTURE_MODELS, describe_machine, engine_version, machine, parse_args
+
+
+def _per_image_ms(run: Callable[[], None], count: int, repeats: int, sync: Callable[[], None]) -> float:
+    run()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        sync()
+        best = min(best, time.perf_counter() - started)
+    return 1000 * best / count
+
+
+def measure(models: Path, device_name: str, sizes: List[int], repeats: int) -> Dict[str, Dict[int, float]]:
+    """Milliseconds per image of each network at each call size: {network: {images per call: ms}}.
+
+    Each runs through the engine's own class (inputs laid out as a job lays
+    them out), with its images-per-call setting replaced by the size tried.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from musetalk_worker.device import resolve_device
+    from musetalk_worker.engines.musetalk.generate import FaceGenerator
+    from musetalk_worker.engines.musetalk.latents import LatentEncoder
+    from musetalk_worker.engines.musetalk.masks import MaskMaker
+    from musetalk_worker.engines.musetalk.models import load_face_parser, load_unet, load_vae
+
+    device = resolve_device(device_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    count = max(sizes)
+    rng = np.random.default_rng(0)
+    generator = torch.Generator().manual_seed(0)
+    vae = load_vae(models, device, torch.float32)
+    encoder = LatentEncoder(vae)
+    faces = FaceGenerator(load_unet(models, "v15", device, torch.float32), vae)
+    parser = MaskMaker(load_face_parser(models, device))
+    crops = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(count)]
+    squares = [Image.fromarray(rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)) for _ in range(count)]
+    latents = torch.randn(count, 4, 32, 32, generator=generator)
+    references = torch.randn(count, 8, 32, 32, generator=generator)
+    prompts = torch.randn(count, 50, 384, generator=generator)
+
+    def unet_in_calls(size: int) -> None:
+        for start in range(0, count, size):
+            faces.predict_latents(references[start : start + size], prompts[start : start + size])
+
+    # name: (run one pass at a call size, images in a pass); the engine's classes take the size as a setting.
+    networks: Dict[str, Tuple[Callable[[int], object], int]] = {
+        # Two images per crop (masked and whole).
+        "VAE encode (per image)": (lambda size: _with(encoder, "images_per_call", size, encoder.encode, crops),
+                                   2 * count),
+        "VAE decode": (lambda size: _with(faces, "decodes_per_call", size, faces.decode, latents), count),
+        "face parsing (512x512)": (lambda size: _with(parser, "images_per_call", size, parser.parse, squares), count),
+        "UNet": (unet_in_calls, count),
+    }
+    return {name: {size: _per_image_ms(lambda: run(size), items, repeats, sync) for size in sizes}
+            for name, (run, items) in networks.items()}
+
+
+def _with(owner: object, setting: str, size: int, call: Callable, inputs) -> object:
+    setattr(owner, setting, size)
+    return call(inputs)
+
+
+def render(figures: Dict[str, Dict[int, float]], sizes: List[int]) -> str:
+    """A markdown table: one row per network, one column per call size, the fastest in bold."""
+    lines = ["| ms per image | " + " | ".join(f"{s} per call" for s in sizes) + " |",
+             "| --- | " + " | ".join("---:" for _ in sizes) + " |"]
+    for name, row in figures.items():
+        fastest = min(row.values())
+        cells = [f"**{row[s]:.1f}**" if row[s] == fastest else f"{row[s]:.1f}" for s in sizes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=FIXTURE_MODELS, help="models folder (standard layout)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 8], help="images per call to try")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes; the fastest counts")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
+    args = parse_args(parser, argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sizes = sorted(set(args.sizes))
+    info = machine()
+    figures = measure(args.models, args.device, sizes, args.repeats)
+    import torch
+
+    print(f"{describe_machine(info)}; device {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads; models {args.models}; engine {engine_version()}\n")
+    print(render(figures, sizes))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "models": str(args.models), "device": args.device,
+                                         "figures": figures}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
