@@ -7,8 +7,10 @@ torch is imported only when a device is resolved, so a command can call
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from .errors import ErrorCode, LipSyncError
@@ -64,3 +66,56 @@ def images_per_call(device: "torch.device") -> Optional[int]:
     came in. On CUDA and MPS, None: the whole batch in one call.
     """
     return 1 if device.type == "cpu" else None
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (Intel AMX or AVX512-BF16), where oneDNN runs the
+    networks' convolutions and matrix products in it several times faster than in float32."""
+    import torch
+
+    cpu = getattr(torch._C, "_cpu", None)
+    return any(getattr(cpu, check, lambda: False)() for check in ("_is_amx_tile_supported",
+                                                                   "_is_avx512_bf16_supported"))
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process can keep busy: its affinity mask, capped by the container's CPU quota.
+
+    A container limited to N CPUs (``docker --cpus``, a RunPod CPU pod) still
+    sees every core of its host in ``os.cpu_count()``; the quota (rounded up)
+    is in the cgroup's files.
+    """
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota(cgroup)
+    return count if quota is None else max(1, min(count, math.ceil(quota)))
+
+
+def _cgroup_cpu_quota(cgroup: Path) -> Optional[float]:
+    """CPUs' worth of time per period the cgroup allows; None: no quota (or no cgroup files)."""
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def fit_cpu_threads(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Caps torch's CPU threads at :func:`usable_cpus` (torch counts the host's cores, so in a container
+    with a CPU quota its threads would fight over the few CPUs it has); returns torch's thread count.
+    ``OMP_NUM_THREADS``, when set, is the user's choice and is left alone."""
+    import torch
+
+    usable = usable_cpus(cgroup)
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > usable:
+        logger.info("torch CPU threads %d -> %d (the CPUs this container may use)", torch.get_num_threads(), usable)
+        torch.set_num_threads(usable)
+    return torch.get_num_threads()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Protocol, Union
 
 from .decode import MediaInfo
+from .device import fit_cpu_threads
 from .encode import HlsOutput
 from .options import ENGINE_OPTIONS, EngineConfig, JobOptions
 
@@ -72,5 +73,6 @@ def load_engine(model: str, config: EngineConfig) -> Engine:
         KeyError: an unknown model (the job schema refuses those before).
         LipSyncError: missing models or libraries, named.
     """
+    fit_cpu_threads()
     module, _, name = _ENGINES[model].partition(":")
     return getattr(importlib.import_module(f".{module}", __package__), name).from_config(config)

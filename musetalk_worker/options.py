@@ -66,7 +66,8 @@ class MuseTalkOptions:
         left_cheek_width, right_cheek_width: cheek bands of the ``jaw`` mask.
         batch_size: frames per UNet/VAE batch.
         fps: frame rate of the video made from a still image (ignored for videos).
-        fp16: compute in float16 (CUDA only).
+        fp16: compute the UNet and VAE in half precision: the deployment's half dtype on a GPU,
+            bfloat16 on a CPU that has it in hardware (AMX or AVX512-BF16; refused on others).
         crf: video quality, lower is better (18 is visually lossless): libx264's
             CRF, or NVENC's constant-quality level on the same scale.
         boxes: precomputed face boxes (x1, y1, x2, y2), one per source frame or

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from musetalk_worker.device import MPS_FALLBACK_ENV, resolve_device
+from musetalk_worker.device import MPS_FALLBACK_ENV, fit_cpu_threads, resolve_device, usable_cpus
 from musetalk_worker.errors import LipSyncError
 
 
@@ -49,3 +49,42 @@ def test_commands_set_the_mps_fallback_before_torch_loads(module):
     out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.strip() == "0", out.stderr[-2000:]
+
+
+def _cgroup(tmp_path, files):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("files, quota", [
+    ({"cpu.max": "150000 100000\n"}, 2),  # v2, 1.5 CPUs: rounded up
+    ({"cpu.max": "100000 100000\n"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # v1
+])
+def test_usable_cpus_follow_the_containers_quota(tmp_path, files, quota):
+    """A container's CPU quota caps the CPUs counted (the cgroup files are real files written here)."""
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(_cgroup(tmp_path, files)) == min(affinity, quota)
+
+
+@pytest.mark.parametrize("files", [{"cpu.max": "max 100000\n"}, {"cpu/cpu.cfs_quota_us": "-1\n",
+                                                                  "cpu/cpu.cfs_period_us": "100000\n"}, {}])
+def test_without_a_quota_every_cpu_of_the_affinity_mask_counts(tmp_path, files):
+    assert usable_cpus(_cgroup(tmp_path, files)) == len(os.sched_getaffinity(0))
+
+
+def test_torch_threads_are_capped_at_the_quota_unless_omp_num_threads_is_set(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    cgroup = _cgroup(tmp_path, {"cpu.max": "100000 100000\n"})
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert fit_cpu_threads(cgroup) == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert fit_cpu_threads(cgroup) == 1 == torch.get_num_threads()
+        # Never raised above torch's own choice.
+        assert fit_cpu_threads(_cgroup(tmp_path / "wide", {"cpu.max": "max 100000\n"})) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -247,6 +247,33 @@ def test_version_1_loads_its_own_unet_and_defaults(fixture_models, clips, media_
     assert caught.value.code == ErrorCode.MODELS_MISSING and "musetalk/" in str(caught.value)
 
 
+def test_an_fp16_job_on_the_cpu_computes_in_bfloat16_close_to_float32(pipeline, clips, tmp_path):
+    """On a CPU with bfloat16 in hardware, ``fp16`` runs the UNet and VAE in bfloat16, with the GPU's bound
+    against the float32 job (>= 35 dB per frame)."""
+    from musetalk_worker.device import cpu_has_native_bfloat16
+
+    if not cpu_has_native_bfloat16():
+        pytest.skip("this CPU has no bfloat16 in hardware (AMX or AVX512-BF16): fp16 jobs are refused on it")
+    options = MuseTalkOptions(batch_size=4)
+    full = pipeline(clips["video1s"], clips["speech05s"], tmp_path / "f32.mp4", options)
+    half = pipeline(clips["video1s"], clips["speech05s"], tmp_path / "bf16.mp4", dataclasses.replace(options, fp16=True))
+    assert half.frames == full.frames
+    assert next(pipeline.vae(torch.bfloat16).parameters()).dtype == torch.bfloat16
+    frames = list(zip(_frames(tmp_path / "f32.mp4"), _frames(tmp_path / "bf16.mp4")))
+    assert frames and all(_psnr(a, b) >= 35.0 for a, b in frames)
+    assert any(not np.array_equal(a, b) for a, b in frames)  # it did compute in another precision
+
+
+def test_an_fp16_job_is_refused_on_a_cpu_without_bfloat16(pipeline, clips, tmp_path, monkeypatch):
+    """No such CPU here: the capability check is replaced, the refusal is the engine's own."""
+    from musetalk_worker.engines.musetalk import pipeline as module
+
+    monkeypatch.setattr(module, "cpu_has_native_bfloat16", lambda: False)
+    with pytest.raises(LipSyncError, match="bfloat16, which needs a CPU with it in hardware") as caught:
+        pipeline(clips["video1s"], clips["speech05s"], tmp_path / "x.mp4", MuseTalkOptions(fp16=True))
+    assert caught.value.code == ErrorCode.INVALID_INPUT
+
+
 @pytest.mark.gpu
 def test_a_cuda_float16_job_matches_the_cpu_job(pipeline, fixture_models, clips, tmp_path):
     """The GPU path end to end (device blending, pinned copies, three threads, CUDA event timings)

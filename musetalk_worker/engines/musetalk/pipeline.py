@@ -19,7 +19,6 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -31,7 +30,7 @@ import torch
 
 from ...avatar_cache import AvatarCache
 from ...decode import MediaInfo, load_audio, probe_inputs
-from ...device import resolve_device
+from ...device import cpu_has_native_bfloat16, resolve_device, usable_cpus
 from ...encode import HlsOutput, VideoEncoder, choose_video_codec
 from ...engine import LipSyncResult, Progress
 from ...errors import ErrorCode, LipSyncError
@@ -95,7 +94,7 @@ class MuseTalkPipeline:
         self.acceleration = acceleration
         self.video_codec = video_codec
         # Per-frame image work of the prepare pass (crops, mask shaping) runs on these threads.
-        self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="prepare")
+        self._pool = ThreadPoolExecutor(max_workers=min(8, usable_cpus()), thread_name_prefix="prepare")
         self._vaes: Dict[torch.dtype, torch.nn.Module] = {}
         self._unets: Dict[Tuple[str, torch.dtype], torch.nn.Module] = {}
         # Per UNet: adapter SHA-256 -> the name it is loaded under, oldest use first.
@@ -481,13 +480,18 @@ class MuseTalkPipeline:
         return hashes
 
     def _half_dtype(self) -> torch.dtype:
-        if self.device.type == "cpu":
+        """What a job's ``fp16`` computes in: the deployment's half dtype on a GPU; bfloat16 on a CPU that
+        has it in hardware (float16 has no fast CPU kernels), else the job is refused."""
+        if self.device.type != "cpu":
+            return getattr(torch, self.acceleration.half_dtype)
+        if not cpu_has_native_bfloat16():
             raise LipSyncError(
                 ErrorCode.INVALID_INPUT,
-                "fp16 needs a GPU (CUDA or MPS); this worker runs on the CPU. Set fp16 to false.",
+                "fp16 on the CPU computes in bfloat16, which needs a CPU with it in hardware (Intel AMX or "
+                "AVX512-BF16); this one has neither. Set fp16 to false.",
                 stage="validate",
             )
-        return getattr(torch, self.acceleration.half_dtype)
+        return torch.bfloat16
 
     def vae(self, dtype: torch.dtype) -> torch.nn.Module:
         """The autoencoder in ``dtype`` (loaded, and sped up as the deployment says, on first use)."""
