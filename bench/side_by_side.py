@@ -18,6 +18,12 @@ weights, which the saved boxes make unused). Its stages are timed by
 :mod:`bench.upstream_probe`, injected as ``sitecustomize`` through
 ``PYTHONPATH``, which wraps upstream's functions as they are imported.
 
+The engine overlaps its networks on two threads, so its per-stage seconds
+share the CPU and cannot be set beside upstream's one-after-the-other stages;
+a second table sets upstream's network stages beside this engine's networks
+timed alone (:mod:`bench.images_per_call`, in a fresh process, times the
+images the job ran through each; ``--no-networks-alone`` leaves it out).
+
 Before each timed run the machine must be idle: the share of the CPUs others
 use is sampled (``/proc/stat``, over ``--idle-sample`` seconds; elsewhere the
 1-minute load average) and must be at most ``--max-busy`` cores; it waits up
@@ -61,6 +67,14 @@ STAGE_ROWS = (
     ("read (store)", (), ("read",)),
     ("encode (upstream: PNG writes + 2 ffmpeg)", ("write_png", "ffmpeg_encode", "ffmpeg_mux"), ("encode",)),
     ("avatar cache (hash, save, load)", (), ("cache",)),
+)
+# The networks timed alone (see networks_alone): (label, upstream probe stage, bench.images_per_call network,
+# images per frame, counted on the source frames the engine prepared (True) or on the output frames (False)).
+ALONE_ROWS = (
+    ("VAE encode", "latents", "VAE encode (per image)", 2, True),
+    ("UNet", "unet", "UNet", 1, False),
+    ("VAE decode", "vae_decode", "VAE decode", 1, False),
+    ("face parsing (BiSeNet)", "masks", "face parsing (512x512)", 1, True),
 )
 
 
@@ -302,7 +316,8 @@ def _run_ours_child(config: Dict[str, object], result: Path) -> int:
     pipe = MuseTalkPipeline.from_models(Path(config["models"]), device=config["device"], landmarks="dlib",
                                         cache_dir=Path(cache) if cache else None)
     loaded = time.time()
-    options = MuseTalkOptions(batch_size=int(config["batch_size"]), boxes=[tuple(b) for b in config["boxes"]])
+    options = MuseTalkOptions(batch_size=int(config["batch_size"]), boxes=[tuple(b) for b in config["boxes"]],
+                              fp16=bool(config.get("fp16")))
     with tempfile.TemporaryDirectory(prefix="side-by-side-out-") as scratch:
         out = pipe(Path(config["video"]), Path(config["audio"]), Path(scratch) / "out.mp4", options)
         frames = count_frames(out.path)
@@ -333,6 +348,32 @@ def count_frames(video: Path) -> int:
     return int(done.stdout.strip().split(",")[0])
 
 
+def networks_alone(models: Path, device: str, threads: int, batch_size: int, timeout_s: float) -> Dict[str, float]:
+    """Milliseconds per image of each of this engine's networks run alone, at the call size the engine uses.
+
+    The engine overlaps its networks on two threads, so its per-stage seconds
+    in a job share the CPU with each other and cannot be set beside
+    upstream's, which run one after the other. These come from
+    :mod:`bench.images_per_call` in a fresh process: the VAE and face parsing at
+    :func:`musetalk_worker.device.images_per_call`'s size, the UNet at the batch size.
+    """
+    import torch
+
+    from musetalk_worker.device import images_per_call
+
+    per_call = images_per_call(torch.device(device)) or batch_size
+    with tempfile.TemporaryDirectory(prefix="side-by-side-alone-") as scratch:
+        out = Path(scratch) / "figures.json"
+        argv = [sys.executable, "-m", "bench.images_per_call", "--models", str(models), "--device", device,
+                "--sizes", str(per_call), str(batch_size), "--repeats", "2", "--json", str(out)]
+        done = subprocess.run(argv, cwd=ROOT, env=_child_env(device, threads), capture_output=True, text=True,
+                              check=False, timeout=timeout_s)
+        if done.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"bench.images_per_call failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        figures = json.loads(out.read_text())["figures"]
+    return {name: row[str(batch_size if name == "UNet" else per_call)] for name, row in figures.items()}
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -343,6 +384,14 @@ def stage_seconds(run: Dict[str, object], keys: Sequence[str]) -> Optional[float
     if not present:
         return None
     return sum(-stages[k[1:]] if k.startswith("-") else stages[k] for k in present)
+
+
+def _images_through(run: Dict[str, object], stage: str, on_source: bool) -> int:
+    """Frames an engine run sent through a network: its output frames, or the source frames it prepared
+    (none on an avatar cache hit, which runs no ``stage``)."""
+    if not on_source:
+        return run["frames"]
+    return run["source_frames"] if stage in run["stages"] else 0
 
 
 def _median(values: Sequence[Optional[float]]) -> Optional[float]:
@@ -360,8 +409,10 @@ def _ratio(upstream: Optional[float], ours: Optional[float]) -> str:
     return f"{upstream / ours:.2f}x"
 
 
-def render(header: Dict[str, object], upstream: Sequence[Dict], ours: Sequence[Dict]) -> str:
-    """The markdown report: what ran where, the medians side by side with their ratio, then every pair."""
+def render(header: Dict[str, object], upstream: Sequence[Dict], ours: Sequence[Dict],
+           alone: Optional[Dict[str, float]] = None) -> str:
+    """The markdown report: what ran where, the medians side by side with their ratio, the networks alone
+    (``alone``: :func:`networks_alone`'s figures), then every pair."""
     lines = ["## Side by side: upstream MuseTalk vs this engine", ""]
     if header.get("under_load"):
         lines += ["**TAKEN UNDER LOAD** (`--allow-busy`): other work used the CPU before some runs (busy cores "
@@ -390,6 +441,16 @@ def render(header: Dict[str, object], upstream: Sequence[Dict], ours: Sequence[D
     for label, key in (("output frames", "frames"), ("source frames", "source_frames")):
         u, o = _median([r[key] for r in upstream]), _median([r[key] for r in ours])
         lines.append(f"| {label} | {_cell(u, 0)} | {_cell(o, 0)} | |")
+    if alone:
+        lines += ["", "Each network alone, seconds for the job's images: upstream's stage (its stages run one after "
+                  "the other), this engine's per-image time from `bench.images_per_call` (fresh process, same "
+                  "models and threads, the engine's images per call) times the images the job ran through it.", "",
+                  "| network alone | upstream | this engine | ratio |", "| --- | ---: | ---: | ---: |"]
+        for label, stage, network, per_frame, on_source in ALONE_ROWS:
+            u = _median([stage_seconds(r, (stage,)) for r in upstream])
+            images = _median([_images_through(r, stage, on_source) * per_frame for r in ours])
+            o = alone[network] * images / 1000 if images else None
+            lines.append(f"| {label} | {_cell(u)} | {_cell(o) if images else 'not run'} | {_ratio(u, o)} |")
     lines += [
         "",
         "| pair | upstream wall s | engine wall s | ratio | upstream after load s | engine after load s | ratio "
@@ -465,6 +526,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--allow-busy", action="store_true",
                         help="time even when the machine is busy; the table says it was taken under load")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--fp16", action="store_true",
+                        help="this engine's jobs ask for fp16 (bfloat16 on a CPU with it in hardware); upstream "
+                             "stays in float32, so the table is then a different-precision comparison")
+    parser.add_argument("--no-networks-alone", action="store_true",
+                        help="leave out the table of this engine's networks timed alone")
     parser.add_argument("--work", type=Path, help="scratch folder (default a temporary one)")
     parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
     parser.add_argument("--run-ours", help=argparse.SUPPRESS)
@@ -487,7 +553,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_dir = prepare_upstream(upstream, args.models.resolve(), work, video, audio, boxes)
         config = {"models": str(args.models.resolve()), "device": args.device, "threads": args.threads,
                   "batch_size": args.batch_size, "boxes": [list(b) for b in boxes], "video": str(video),
-                  "audio": str(audio), "cache_dir": str(work / "avatar-cache") if args.cached_avatar else None}
+                  "audio": str(audio), "cache_dir": str(work / "avatar-cache") if args.cached_avatar else None,
+                  "fp16": args.fp16}
         if args.cached_avatar:
             logger.info("filling the avatar cache (untimed)")
             run_ours(config, args.device, args.threads, args.timeout)
@@ -525,14 +592,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                   if not args.source else f"{video} and {audio}"),
         "boxes": (f"{len(boxes)} boxes from dlib landmarks; upstream given --use_saved_coord, the engine 'boxes'; "
                   f"batch size {args.batch_size}" + ("; the engine from its avatar cache" if args.cached_avatar
-                                                     else "")),
+                                                     else "")
+                  + ("; the engine's jobs with fp16 (upstream float32)" if args.fp16 else "")),
         "runs": f"{args.runs} of each, alternating, upstream first, each a fresh process",
         "under_load": under_load,
     }
-    text = render(header, runs["upstream"], runs["engine"])
+    alone = None
+    if not (args.no_networks_alone or args.fp16):  # the networks alone are timed in float32
+        logger.info("timing this engine's networks alone")
+        alone = networks_alone(args.models.resolve(), args.device, args.threads, args.batch_size, args.timeout)
+    text = render(header, runs["upstream"], runs["engine"], alone)
     print(text)
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "runs": runs}, indent=2))
+        args.json.write_text(json.dumps({"header": header, "runs": runs, "networks_alone_ms": alone}, indent=2))
     return 0
 
 

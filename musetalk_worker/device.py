@@ -73,9 +73,8 @@ def cpu_has_native_bfloat16() -> bool:
     networks' convolutions and matrix products in it several times faster than in float32."""
     import torch
 
-    cpu = getattr(torch._C, "_cpu", None)
-    return any(getattr(cpu, check, lambda: False)() for check in ("_is_amx_tile_supported",
-                                                                   "_is_avx512_bf16_supported"))
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's own probes (CPUID)
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
 def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:

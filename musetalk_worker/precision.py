@@ -23,9 +23,13 @@ class _ContiguousGroupNorm(nn.GroupNorm):
 
 
 def precise_cpu_group_norm(model: nn.Module) -> nn.Module:
-    """Makes every GroupNorm of a CPU model use the accurate NCHW kernel; returns the model."""
+    """Makes every GroupNorm of a float32 CPU model use the accurate NCHW kernel; returns the model.
+
+    A bfloat16 model keeps the channels-last kernel: its own rounding is far
+    coarser than that kernel's error, and channels-last is what makes it fast.
+    """
     param = next(model.parameters(), None)
-    if param is None or param.device.type != "cpu":
+    if param is None or param.device.type != "cpu" or param.dtype != torch.float32:
         return model
     for module in model.modules():
         if type(module) is nn.GroupNorm:

@@ -182,6 +182,28 @@ def test_table_medians_and_ratios():
     assert stage_seconds(upstream[0], ("unet",)) is None
 
 
+ALONE = {"VAE encode (per image)": 50.0, "UNet": 20.0, "VAE decode": 100.0, "face parsing (512x512)": 200.0}
+
+
+def test_the_networks_alone_are_counted_on_the_images_the_job_ran():
+    upstream = [_run("upstream", 20.0, {"latents": 2.0, "unet": 1.0, "vae_decode": 2.0, "masks": 1.0})]
+    ours = [_run("engine", 10.0, {"latents": 9.0, "masks": 9.0})]  # overlapped: not what the table uses
+    text = render({**HEADER, "under_load": False}, upstream, ours, ALONE)
+    # 10 source frames, two images each at 50 ms; 10 output frames.
+    assert "| VAE encode | 2.00 | 1.00 | 2.00x |" in text
+    assert "| UNet | 1.00 | 0.20 | 5.00x |" in text and "| VAE decode | 2.00 | 1.00 | 2.00x |" in text
+    assert "| face parsing (BiSeNet) | 1.00 | 2.00 | 0.50x |" in text
+    cached = render({**HEADER, "under_load": False}, upstream, [_run("engine", 5.0, {})], ALONE)
+    assert "| VAE encode | 2.00 | not run | — |" in cached
+    assert "network alone" not in render({**HEADER, "under_load": False}, upstream, ours)
+
+
+def test_networks_alone_runs_the_per_call_benchmark(fixture_models):
+    """The real child (bench.images_per_call on the fixture's small models): a figure per network."""
+    figures = side_by_side.networks_alone(fixture_models, "cpu", 2, 2, timeout_s=600)
+    assert set(figures) == set(ALONE) and all(v > 0 for v in figures.values())
+
+
 def test_busy_machine_waits_then_refuses(monkeypatch):
     samples = iter([1.5, 1.2, 0.1])
     monkeypatch.setattr(side_by_side, "busy_cores", lambda s: next(samples))
@@ -208,6 +230,7 @@ def stubbed_main(monkeypatch, tmp_path):
                         lambda *a: made.append("upstream") or _run("upstream", 20.0, {"unet": 1.0}))
     monkeypatch.setattr(side_by_side, "run_ours", lambda *a: made.append("engine") or _run("engine", 10.0, {}))
     monkeypatch.setattr(side_by_side, "_python_versions", lambda python: "Python x")
+    monkeypatch.setattr(side_by_side, "networks_alone", lambda *a: made.append("alone") or ALONE)
     return made
 
 
@@ -223,7 +246,7 @@ def test_main_interleaves_and_marks_a_busy_table(stubbed_main, monkeypatch, tmp_
     code = side_by_side.main(["--upstream", str(tmp_path), "--runs", "2", "--wait-idle", "0", "--idle-sample", "0",
                               "--allow-busy", "--json", str(tmp_path / "out.json")])
     out = capsys.readouterr().out
-    assert code == 0 and stubbed_main == ["upstream", "engine", "upstream", "engine"]
+    assert code == 0 and stubbed_main == ["upstream", "engine", "upstream", "engine", "alone"]
     assert "TAKEN UNDER LOAD" in out and "| wall (process start to exit) | 20.00 | 10.00 | 2.00x |" in out
     assert (tmp_path / "out.json").is_file()
 
