@@ -37,11 +37,13 @@ def _per_image_ms(run: Callable[[], None], count: int, repeats: int, sync: Calla
     return 1000 * best / count
 
 
-def measure(models: Path, device_name: str, sizes: List[int], repeats: int) -> Dict[str, Dict[int, float]]:
+def measure(models: Path, device_name: str, sizes: List[int], repeats: int,
+            dtype_name: str = "float32") -> Dict[str, Dict[int, float]]:
     """Milliseconds per image of each network at each call size: {network: {images per call: ms}}.
 
     Each runs through the engine's own class (inputs laid out as a job lays
     them out), with its images-per-call setting replaced by the size tried.
+    ``dtype_name`` is the UNet's and VAE's (face parsing is always float32, as in a job).
     """
     import numpy as np
     import torch
@@ -58,9 +60,10 @@ def measure(models: Path, device_name: str, sizes: List[int], repeats: int) -> D
     count = max(sizes)
     rng = np.random.default_rng(0)
     generator = torch.Generator().manual_seed(0)
-    vae = load_vae(models, device, torch.float32)
+    dtype = getattr(torch, dtype_name)
+    vae = load_vae(models, device, dtype)
     encoder = LatentEncoder(vae)
-    faces = FaceGenerator(load_unet(models, "v15", device, torch.float32), vae)
+    faces = FaceGenerator(load_unet(models, "v15", device, dtype), vae)
     parser = MaskMaker(load_face_parser(models, device))
     crops = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(count)]
     squares = [Image.fromarray(rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)) for _ in range(count)]
@@ -108,6 +111,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 8], help="images per call to try")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes; the fastest counts")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the UNet's and VAE's dtype (a job's fp16 is bfloat16 on the CPU)")
     args = parse_args(parser, argv)
     if args.threads:
         import torch
@@ -115,15 +120,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     sizes = sorted(set(args.sizes))
     info = machine()
-    figures = measure(args.models, args.device, sizes, args.repeats)
+    figures = measure(args.models, args.device, sizes, args.repeats, args.dtype)
     import torch
 
     print(f"{describe_machine(info)}; device {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads; models {args.models}; engine {engine_version()}\n")
+          f"{torch.get_num_threads()} CPU threads, {args.dtype}; models {args.models}; engine {engine_version()}\n")
     print(render(figures, sizes))
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "models": str(args.models), "device": args.device,
-                                         "figures": figures}, indent=2))
+                                         "dtype": args.dtype, "figures": figures}, indent=2))
     return 0
 
 

@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default=None, help="musetalk: v15 (default) or v1; latentsync: 1.6 (default) or 1.5")
     p.add_argument("--landmarks", choices=("auto", "dwpose", "dlib"), default="auto")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--fp16", action="store_true", default=None, help="half precision: float16 on a GPU, bfloat16 on a CPU with AMX or AVX512-BF16 (MuseTalk)")
+    p.add_argument("--fp16", action="store_true", default=None,
+                   help="half precision: float16 on a GPU; MuseTalk: bfloat16 on a CPU with AMX or AVX512-BF16")
     p.add_argument("--crf", type=int, help="video quality, lower is better (18)")
     musetalk = p.add_argument_group("musetalk options")
     musetalk.add_argument("--adapter", type=Path,

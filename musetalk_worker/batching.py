@@ -10,7 +10,8 @@ Item = TypeVar("Item")
 
 
 def batched(items: Iterable[Item], size: int) -> Iterator[List[Item]]:
-    """(``itertools.batched`` arrives with Python 3.12.) Lists of ``size`` consecutive items (the last may be shorter), pulled from ``items`` as they are needed."""
+    """Lists of ``size`` consecutive items (the last may be shorter), pulled from ``items`` as they are needed
+    (``itertools.batched`` arrives with Python 3.12)."""
     batch: List[Item] = []
     for item in items:
         batch.append(item)

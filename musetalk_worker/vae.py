@@ -51,7 +51,8 @@ def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> 
     weights, whether or not ``accelerate`` is installed (without it diffusers'
     ``from_pretrained`` builds the model in full, then overwrites it). The
     tensors are the file's, converted once to ``dtype`` and ``device``: the
-    same values as ``from_pretrained(torch_dtype=dtype).to(device)``.
+    same values as ``from_pretrained(torch_dtype=dtype).to(device)``. A
+    bfloat16 model on the CPU is laid out channels-last.
 
     Raises:
         LipSyncError(models_missing): ``folder`` holds no ``config.json`` or no weight file.
@@ -75,4 +76,10 @@ def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> 
     if fix_keys is not None:
         state = fix_keys(dict(state)) or state
     vae.load_state_dict(state, strict=True, assign=True)
-    return precise_cpu_group_norm(vae.to(device=device, dtype=dtype).eval().requires_grad_(False))
+    vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        # oneDNN's bfloat16 convolutions are fast in channels-last, slow in NCHW (bench/images_per_call.py
+        # --dtype bfloat16; bench/README.md has the figures); the group norm's channels-last kernel is fine
+        # at bfloat16's precision (precision.py keeps NCHW for float32 only).
+        vae.to(memory_format=torch.channels_last)
+    return precise_cpu_group_norm(vae)

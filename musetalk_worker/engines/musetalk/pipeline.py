@@ -497,10 +497,6 @@ class MuseTalkPipeline:
         """The autoencoder in ``dtype`` (loaded, and sped up as the deployment says, on first use)."""
         if dtype not in self._vaes:
             vae = load_vae(self.models_dir, self.device, dtype)
-            if self.device.type == "cpu" and dtype == torch.bfloat16:
-                # oneDNN's bfloat16 convolutions want channels-last: 3.6x (decoder) and 2.8x (encoder) faster
-                # than float32 per image on an AMX CPU, against 1.4x and 1.3x in NCHW (bench/README.md).
-                vae.to(memory_format=torch.channels_last)
             speed_up(vae.decoder, self.acceleration)
             self._vaes[dtype] = vae
         return self._vaes[dtype]
