@@ -129,7 +129,7 @@ def test_the_unet_loads_the_files_tensors(fixture_models):
 def test_on_the_cpu_an_image_gets_the_same_result_in_any_batch(fixture_models):
     """The VAE and face parsing take one image per call on the CPU (faster per image there, bench/README.md), so
     an image's latents, decoded face and parsing classes do not depend on the batch it came in (in whole-batch
-    calls the last bits can: 8 latents decoded at once differed from one at a time by up to 9e-6)."""
+    calls the last bits of a decoded face can depend on the batch's size)."""
     from PIL import Image
 
     from musetalk_worker.device import images_per_call
