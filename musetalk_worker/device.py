@@ -68,6 +68,19 @@ def images_per_call(device: "torch.device") -> Optional[int]:
     return 1 if device.type == "cpu" else None
 
 
+def warm_up_pays(device: "torch.device", compiled: bool = False) -> bool:
+    """Whether running the networks once at start takes a one-time cost off the first job on ``device``.
+
+    CUDA's first calls load kernels and grow the caching allocator, MPS's
+    compile shaders, and ``torch.compile`` (``compiled``) compiles on its first
+    call anywhere. Eager CPU calls have no such cost, so a warm-up there only
+    delays readiness by as long as it computes, seconds with the real-size
+    models, and the first job is no faster for it
+    (``scripts/measure_cold_start.py --random-models`` times both; bench/README.md).
+    """
+    return compiled or device.type != "cpu"
+
+
 def cpu_has_native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (Intel AMX or AVX512-BF16), where oneDNN runs the
     networks' convolutions and matrix products in it several times faster than in float32."""

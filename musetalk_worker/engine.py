@@ -53,7 +53,8 @@ class Engine(Protocol):
     """A model family loaded once; each call is one job."""
 
     def warm_up(self) -> None:
-        """Runs the loaded networks once, so the first job pays no kernel set-up."""
+        """Runs the loaded networks once, so the first job pays no kernel set-up (nothing where a first
+        call has none: :func:`.device.warm_up_pays`)."""
 
     def __call__(self, source: Union[Path, MediaInfo, None], audio: Union[Path, MediaInfo], output: Path,
                  options: JobOptions, *, avatar_id: Optional[str] = None, progress: Optional[Progress] = None,

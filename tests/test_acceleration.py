@@ -56,6 +56,21 @@ def _frames(path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8)
 
 
+def test_an_eager_cpu_engine_runs_nothing_at_warm_up(fixture_models):
+    """On the CPU a first call costs what the next does: a warm-up would only delay readiness."""
+    pipe = MuseTalkPipeline.from_models(fixture_models, device="cpu", landmarks="dlib")
+    calls = []
+    assert pipe._unets, "the default version's UNet is loaded"
+    vae = pipe.vae(torch.float32)
+    for network in (*pipe._unets.values(), vae.decoder):
+        network.register_forward_hook(lambda module, args, out: calls.append(type(module).__name__))
+    pipe.warm_up()
+    assert calls == []
+    with torch.inference_mode():
+        vae.decode(torch.zeros(1, 4, 32, 32))
+    assert calls == ["Decoder"], "the hook counts the decoder's calls"
+
+
 def test_a_compiled_engine_compiles_at_warm_up_and_matches_the_eager_one(fixture_models, media_dir, tmp_path):
     audio = tmp_path / "speech.wav"
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(media_dir / "eng.wav"), "-t", "0.5", str(audio)], check=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from musetalk_worker.device import MPS_FALLBACK_ENV, fit_cpu_threads, resolve_device, usable_cpus
+from musetalk_worker.device import MPS_FALLBACK_ENV, fit_cpu_threads, resolve_device, usable_cpus, warm_up_pays
 from musetalk_worker.errors import LipSyncError
 
 
@@ -88,3 +88,11 @@ def test_torch_threads_are_capped_at_the_quota_unless_omp_num_threads_is_set(tmp
         assert fit_cpu_threads(_cgroup(tmp_path / "wide", {"cpu.max": "max 100000\n"})) == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("device, compiled, expected", [
+    ("cpu", False, False), ("cpu", True, True), ("cuda", False, True), ("mps", False, True), ("cuda:1", True, True),
+])
+def test_a_warm_up_runs_where_a_first_call_pays_set_up(device, compiled, expected):
+    # Device objects only: no GPU is needed to name one.
+    assert warm_up_pays(torch.device(device), compiled) is expected

@@ -163,6 +163,8 @@ def test_the_worker_loads_the_converted_release_strictly_and_warms_it_up(tmp_pat
     real = pipe.restorer.net.forward
     pipe.restorer.net.forward = lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
     pipe.warm_up()
+    assert calls == [], "an eager CPU engine's warm-up runs nothing (no first-call set-up to take off a job)"
+    pipe.restorer.warm_up()
     assert calls == [torch.Size([1, 3, 512, 512])]
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ...decode import MediaInfo, iter_video_frames, load_audio, probe_inputs, read_image
-from ...device import resolve_device
+from ...device import resolve_device, warm_up_pays
 from ...encode import HlsOutput, VideoEncoder, choose_video_codec
 from ...engine import LipSyncResult, Progress
 from ...errors import ErrorCode, LipSyncError
@@ -112,7 +112,12 @@ class LatentSyncPipeline:
         return self._models[(version, dtype)]
 
     def warm_up(self) -> None:
-        """Runs each loaded version once on one grey face (one step), so a job pays no kernel set-up."""
+        """Runs each loaded version once on one grey face (one step), so a job pays no kernel set-up.
+
+        Nothing runs where no first call pays set-up (the CPU: :func:`device.warm_up_pays`).
+        """
+        if not warm_up_pays(self.device):
+            return
         for (version, dtype), models in list(self._models.items()):
             denoiser = ChunkDenoiser(models, DenoiseSettings(steps=1, guidance=1.5, deepcache=False),
                                      torch.Generator().manual_seed(0))

@@ -30,7 +30,7 @@ import torch
 
 from ...avatar_cache import AvatarCache
 from ...decode import MediaInfo, load_audio, probe_inputs
-from ...device import cpu_has_native_bfloat16, resolve_device, usable_cpus
+from ...device import cpu_has_native_bfloat16, resolve_device, usable_cpus, warm_up_pays
 from ...encode import HlsOutput, VideoEncoder, choose_video_codec
 from ...engine import LipSyncResult, Progress
 from ...errors import ErrorCode, LipSyncError
@@ -154,7 +154,12 @@ class MuseTalkPipeline:
 
     def warm_up(self, options: MuseTalkOptions = MuseTalkOptions()) -> None:
         """Runs every loaded UNet and VAE decoder, and GFPGAN when loaded, once on zeros, so the first job
-        does not pay for kernel set-up or, with ``torch.compile``, for compiling at ``options``' batch size."""
+        does not pay for kernel set-up or, with ``torch.compile``, for compiling at ``options``' batch size.
+
+        Nothing runs where no first call pays set-up (eager on the CPU: :func:`device.warm_up_pays`).
+        """
+        if not warm_up_pays(self.device, compiled=self.acceleration.compile != "off"):
+            return
         for version, dtype in list(self._unets):
             generator = self._generator(dataclasses.replace(options, version=version, fp16=dtype != torch.float32))
             size = generator.fixed_batch or 1
