@@ -102,6 +102,9 @@ def _summary(name: str, tree: Path, results: list, with_job: bool, device: str) 
             summary[f"{key}_median"] = round(statistics.median(values), 2)
     if with_job:
         summary["first_job_s_median"] = round(statistics.median(r["first_job_s"] for r in results), 2)
+        # What a caller waits for on a cold worker: start-up and its first job.
+        summary["ready_and_first_job_s_median"] = round(
+            statistics.median(r["ready_s"] + r["first_job_s"] for r in results), 2)
     return summary
 
 
