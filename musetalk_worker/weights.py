@@ -366,9 +366,14 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+def _lock(lock: Union[str, Path, WeightsLock, None]) -> WeightsLock:
+    """``lock`` itself when it was read already, else the lock file it names (read and validated)."""
+    return lock if isinstance(lock, WeightsLock) else load_lock(lock)
+
+
 def verify_models(
     models_dir: Union[str, Path],
-    lock_path: Union[str, Path, None] = None,
+    lock_path: Union[str, Path, WeightsLock, None] = None,
     components: Optional[Sequence[str]] = None,
     check_hashes: bool = False,
 ) -> VerifyReport:
@@ -376,7 +381,8 @@ def verify_models(
 
     Args:
         models_dir: the models folder (the layout of the lock's paths).
-        lock_path: the lock; the project's ``weights.lock.json`` when None.
+        lock_path: the lock (its path, or the lock read already); the project's
+            ``weights.lock.json`` when None.
         components: the components to check; the lock's default set when None.
         check_hashes: also hash every file (seconds per GB); sizes are always checked.
 
@@ -387,7 +393,7 @@ def verify_models(
     Raises:
         LockError: the lock is unreadable or a component name is unknown.
     """
-    lock = load_lock(lock_path)
+    lock = _lock(lock_path)
     files = lock.select(components)
     root = Path(models_dir)
     conversions = read_conversions(root)
@@ -398,7 +404,7 @@ def verify_models(
 
 def present_components(
     models_dir: Union[str, Path],
-    lock_path: Union[str, Path, None] = None,
+    lock_path: Union[str, Path, WeightsLock, None] = None,
     components: Optional[Sequence[str]] = None,
 ) -> Tuple[str, ...]:
     """The components (of ``components``, or of the whole lock) with at least one file in the models folder.
@@ -411,7 +417,7 @@ def present_components(
     Raises:
         LockError: the lock is unreadable or a component name is unknown.
     """
-    lock = load_lock(lock_path)
+    lock = _lock(lock_path)
     root = Path(models_dir)
     names = tuple(lock.components) if components is None else tuple(components)
     lock.select(names)  # unknown names are an error, not an absent model

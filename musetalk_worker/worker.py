@@ -290,6 +290,7 @@ def _weights_problem(settings: WorkerSettings) -> Optional[str]:
     """
     if settings.weights_lock is None:
         return None
+    lock = load_lock(settings.weights_lock)
     components = []
     if "musetalk" in settings.preload_models:
         components += ["v15", "vae", "whisper", "face_parsing"]
@@ -298,9 +299,9 @@ def _weights_problem(settings: WorkerSettings) -> Optional[str]:
     # Optional models (LatentSync's versions, GFPGAN) are checked when the image has them; a lock
     # without one (a custom lock) offers nothing to check.
     optional = [name for name in (*(f"latentsync-{v}" for v in LATENTSYNC_VERSIONS), "gfpgan")
-                if name in load_lock(settings.weights_lock).components]
-    components += present_components(settings.models_dir, settings.weights_lock, optional)
-    report = verify_models(settings.models_dir, settings.weights_lock, components, settings.verify_weight_hashes)
+                if name in lock.components]
+    components += present_components(settings.models_dir, lock, optional)
+    report = verify_models(settings.models_dir, lock, components, settings.verify_weight_hashes)
     return None if report.ok else report.describe()
 
 
