@@ -119,10 +119,11 @@ class BucketWatcher:
     """Lists a prefix every 20 ms on a thread and remembers when each key first appeared (``time.monotonic``).
 
     It stops listing once every key of ``until`` was seen, so that for the
-    rest of the job it takes no CPU from the job it watches.
+    rest of the job it takes no CPU from the job it watches; without ``until``
+    it lists until the ``with`` block ends.
     """
 
-    def __init__(self, client, bucket: str, prefix: str, until: Sequence[str]):
+    def __init__(self, client, bucket: str, prefix: str, until: Sequence[str] = ()):
         self.seen: Dict[str, float] = {}
         self._client, self._bucket, self._prefix, self._until = client, bucket, prefix, tuple(until)
         self._stop = threading.Event()
@@ -142,7 +143,7 @@ class BucketWatcher:
             now = time.monotonic()
             for item in listed:
                 self.seen.setdefault(item["Key"], now)
-            if all(key in self.seen for key in self._until):
+            if self._until and all(key in self.seen for key in self._until):
                 return
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench.stream import BucketWatcher  # the benchmark's watcher: the test observes the bucket the same way
 from musetalk_worker.options import WorkerSettings
 from musetalk_worker.worker import Worker
 from servers import MOTO_KEY_ID, MOTO_SECRET
@@ -46,30 +47,6 @@ def worker(fixture_models, moto_s3, tmp_path_factory) -> Worker:
     ))
     assert loaded.load_error is None
     return loaded
-
-
-class BucketWatcher:
-    """Lists a prefix every 50 ms on a thread and remembers when each key first appeared."""
-
-    def __init__(self, client, bucket: str, prefix: str):
-        self.seen: dict[str, float] = {}
-        self._client, self._bucket, self._prefix = client, bucket, prefix
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "BucketWatcher":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            listed = self._client.list_objects_v2(Bucket=self._bucket, Prefix=self._prefix).get("Contents", [])
-            for item in listed:
-                self.seen.setdefault(item["Key"], time.monotonic())
 
 
 def _frames(url_or_path: str, *options: str) -> int:
