@@ -106,6 +106,12 @@ def restore_regions(restorer: FaceRestorer, windows: torch.Tensor, placements: S
     return pixels.permute(0, 2, 3, 1), region_weight(coords, region).permute(0, 2, 3, 1)
 
 
+def mix_restored(generated: torch.Tensor, restored: torch.Tensor, share: torch.Tensor, weight: float) -> torch.Tensor:
+    """The generated pixels with ``weight`` times each pixel's region weight (``share``) taken from the
+    restored ones: what both engines paste, rounded and clamped to 0..255 (float)."""
+    return (generated + (weight * share) * (restored - generated)).round_().clamp_(0, 255)
+
+
 def _pixel_grid(matrices: Sequence[np.ndarray], rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """Each matrix applied to the (x, y) pixel centres of a rows x cols image: [B, rows, cols, 2]."""
     ys, xs = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),

@@ -36,7 +36,7 @@ from ...frame_spill import FrameSpill
 from ...options import Acceleration, EngineConfig, LatentSyncOptions
 from ...restoration.align import SMOOTH_RADIUS, AlignmentTrack, context_window, five_points
 from ...restoration.network import FaceRestorer, installed_restorer, missing_weights
-from ...restoration.warp import Placement, restore_regions
+from ...restoration.warp import Placement, mix_restored, restore_regions
 from ...timing import StageTimer
 from .align import FaceAligner, FaceGeometry, points_from_68, resize_faces, warp_faces
 from .audio import AudioFeatures, audio_frame_count
@@ -252,9 +252,9 @@ class LatentSyncPipeline:
                                         rows, cols, options.restore_region)
         x1, y1, x2, y2 = box
         pasted = torch.from_numpy(np.ascontiguousarray(restored[:, y1:y2, x1:x2, ::-1])).to(self.device).float()
-        mixed = pasted + (options.restore_weight * share) * (pixels - pasted)
+        mixed = mix_restored(pasted, pixels, share, options.restore_weight)
         out = restored.copy()
-        out[:, y1:y2, x1:x2] = mixed.round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()[..., ::-1]
+        out[:, y1:y2, x1:x2] = mixed.to(torch.uint8).cpu().numpy()[..., ::-1]
         return out
 
     def _dtype(self, fp16: bool) -> torch.dtype:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ...restoration.network import FaceRestorer
-from ...restoration.warp import Placement, restore_regions
+from ...restoration.warp import Placement, mix_restored, restore_regions
 from .boxes import Box, clip_box
 from .masks import BlendMask
 
@@ -192,8 +192,7 @@ class FaceBlender:
         restored, share = restore_regions(restorer, window_pixels, placements, rows, cols, region)
         face = composite.face.clone()
         generated = face[present].float()
-        mixed = generated + (weight * share) * (restored - generated)
-        face[present] = mixed.round_().clamp_(0, 255).to(torch.int32)
+        face[present] = mix_restored(generated, restored, share, weight).to(torch.int32)
         return dataclasses.replace(composite, face=face)
 
     def finish(self, composite: Composite) -> BlendedBatch:
