@@ -5,7 +5,14 @@ memory of a forward pass depend only on the architecture. This builds what the
 engine loads, at the real sizes (MuseTalk's 850 M-parameter UNet,
 sd-vae-ft-mse's VAE, whisper-tiny, BiSeNet), or shrunk (``--tiny``) for tests::
 
-    python -m bench.random_models --dest DIR [--tiny] [--with-dwpose] [--seed 0]
+    python -m bench.random_models --dest DIR [--tiny] [--with-dwpose] [--latentsync 1.5,1.6] [--seed 0]
+
+``--latentsync`` adds each named LatentSync version's folder as the image holds
+it (``latentsync-<version>/``): its 1.27 G-parameter UNet3D (upstream's stage2
+architecture, written as safetensors), OpenAI whisper-tiny's encoder checkpoint
+(``whisper/tiny.pt``), the VAE (a link to the one above) and a mouth mask of
+upstream's shape (the lower half of the face, to be regenerated). ``--tiny``
+shrinks the UNet3D too (a ``configs/unet`` yaml says so, and the resolution).
 
 With ``--with-dwpose`` it adds S3FD and DWPose checkpoints for the ``dwpose``
 face back-end (needs mmpose). The S3FD body is random but its prediction heads
@@ -28,7 +35,7 @@ import shutil
 import sys
 import zlib
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence
 
 import torch
 
@@ -107,6 +114,13 @@ _TINY_WHISPER = {
     "suppress_tokens": None,
 }
 
+# --tiny LatentSync: the same blocks with 32/64 channels (multiples of the norm groups and heads), one layer.
+_TINY_LATENTSYNC_UNET = {"block_out_channels": [32, 64, 64, 64], "layers_per_block": 1}
+# OpenAI whisper-tiny's dims (the checkpoint's text half is not read by the engine, so not written).
+LATENTSYNC_WHISPER_DIMS = {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6,
+                           "n_audio_layer": 4, "n_vocab": 51865, "n_text_ctx": 448, "n_text_state": 384,
+                           "n_text_head": 6, "n_text_layer": 4}
+
 UNET_DIR = "musetalkV15"
 VAE_DIR = "sd-vae"
 WHISPER_DIR = "whisper"
@@ -122,14 +136,21 @@ def default_dest(tiny: bool = False) -> Path:
     return cache / "musetalk-worker" / ("bench-models-tiny" if tiny else "bench-models")
 
 
-def build_models(dest: Path, *, tiny: bool = False, with_dwpose: bool = False, seed: int = 0) -> Path:
+def build_models(dest: Path, *, tiny: bool = False, with_dwpose: bool = False, latentsync: Sequence[str] = (),
+                 seed: int = 0) -> Path:
     """Writes the random models into ``dest`` (standard layout) and returns it.
 
     Deterministic for a given ``seed``. Files already there are kept.
+    ``latentsync``: the LatentSync versions to add (``latentsync-<version>/``).
 
     Raises:
-        ValueError: ``dest`` holds a build of the other size or seed.
+        ValueError: ``dest`` holds a build of the other size or seed, or a LatentSync version is unknown.
     """
+    from musetalk_worker.options import LATENTSYNC_VERSIONS
+
+    unknown = sorted(set(latentsync) - set(LATENTSYNC_VERSIONS))
+    if unknown:
+        raise ValueError(f"unknown LatentSync version(s) {', '.join(unknown)}: use {', '.join(LATENTSYNC_VERSIONS)}")
     dest = Path(dest).expanduser().resolve()
     variant = {"variant": "tiny" if tiny else "real-architecture", "seed": seed, "random_weights": True}
     marker = dest / MARKER
@@ -146,6 +167,8 @@ def build_models(dest: Path, *, tiny: bool = False, with_dwpose: bool = False, s
     if with_dwpose:
         _write_s3fd(dest, seed)
         _write_dwpose(dest, seed)
+    for version in latentsync:
+        _write_latentsync(dest, version, tiny, seed)
     marker.write_text(json.dumps(variant, indent=1) + "\n")
     return dest
 
@@ -276,6 +299,56 @@ def _write_dwpose(dest: Path, seed: int) -> None:
     _atomic_write(dest / DWPOSE_WEIGHTS, lambda p: torch.save(checkpoint, p))
 
 
+def _write_latentsync(dest: Path, version: str, tiny: bool, seed: int) -> None:
+    """``latentsync-<version>/`` as the weights lock lays it out, from random weights."""
+    from safetensors.torch import save_file
+
+    from musetalk_worker.engines.latentsync.models import MASK, UNET_CHECKPOINT, UNET_CONFIGS, VAE_FOLDER
+    from musetalk_worker.engines.latentsync.pipeline import RESOLUTIONS
+    from musetalk_worker.engines.latentsync.unet import LatentSyncUNet
+    from musetalk_worker.engines.latentsync.unet_config import UNetConfig
+    from musetalk_worker.engines.latentsync.whisper import WhisperDims, WhisperEncoder
+
+    folder = dest / f"latentsync-{version}"
+    folder.mkdir(exist_ok=True)
+    config = UNetConfig()
+    if tiny:
+        (folder / UNET_CONFIGS).mkdir(parents=True, exist_ok=True)
+        # A yaml replaces the built-in architecture, so it also says the resolution the version runs at.
+        yaml_text = json.dumps({"model": _TINY_LATENTSYNC_UNET, "data": {"resolution": RESOLUTIONS[version]}})
+        (folder / UNET_CONFIGS / "stage2.yaml").write_text(yaml_text + "\n")  # JSON is YAML
+        config = UNetConfig.from_yaml(folder / UNET_CONFIGS / "stage2.yaml")
+    unet_file = (folder / UNET_CHECKPOINT).with_suffix(".safetensors")
+    if not unet_file.exists():
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in LatentSyncUNet(config).state_dict().items()}
+        state = random_state(shapes, seed)
+        logger.info("LatentSync %s UNet3D: %.1f M parameters", version, sum(t.numel() for t in state.values()) / 1e6)
+        _atomic_write(unet_file, lambda p: save_file(state, str(p)))
+    whisper = folder / "whisper" / "tiny.pt"
+    if not whisper.exists():
+        dims = WhisperDims(**{k: LATENTSYNC_WHISPER_DIMS[k] for k in WhisperDims.__dataclass_fields__})
+        with torch.device("meta"):
+            shapes = {f"encoder.{k}": v.shape for k, v in WhisperEncoder(dims).state_dict().items()}
+        checkpoint = {"dims": LATENTSYNC_WHISPER_DIMS, "model_state_dict": random_state(shapes, seed)}
+        whisper.parent.mkdir(exist_ok=True)
+        _atomic_write(whisper, lambda p: torch.save(checkpoint, p))
+    if not (folder / VAE_FOLDER).exists():
+        (folder / VAE_FOLDER).symlink_to(Path("..") / VAE_DIR)
+    if not (folder / MASK).exists():
+        _atomic_write(folder / MASK, _write_mouth_mask)
+
+
+def _write_mouth_mask(path: Path) -> None:
+    """A 256x256 mask like upstream's: white (keep the reference) but for a black lower-face region."""
+    import cv2
+    import numpy as np
+
+    mask = np.full((256, 256, 3), 255, np.uint8)
+    cv2.ellipse(mask, (128, 190), (80, 70), 0, 0, 360, (0, 0, 0), thickness=-1)
+    path.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     partial = path.with_name(path.name + ".partial")
     write(partial)
@@ -298,11 +371,16 @@ def main(argv: list[str] | None = None) -> int:
                         "[-tiny])")
     parser.add_argument("--tiny", action="store_true", help="shrunk UNet and VAE (for tests), not the real sizes")
     parser.add_argument("--with-dwpose", action="store_true", help="add S3FD + DWPose checkpoints (needs mmpose)")
+    parser.add_argument("--latentsync", type=lambda text: [v for v in text.split(",") if v], default=[],
+                        help="comma-separated LatentSync versions to add (1.5, 1.6)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    dest = build_models(args.dest or default_dest(args.tiny), tiny=args.tiny, with_dwpose=args.with_dwpose,
-                        seed=args.seed)
+    try:
+        dest = build_models(args.dest or default_dest(args.tiny), tiny=args.tiny, with_dwpose=args.with_dwpose,
+                            latentsync=args.latentsync, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))
     print(dest)
     return 0
 

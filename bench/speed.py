@@ -13,10 +13,10 @@ synthetic face video and speech (:mod:`bench.media`)::
     python -m bench.speed --device cuda --dtypes fp32,fp16 --batch-sizes 4,8,16 --width 704 --height 1216 \\
         --seconds 10 --fps 25 --landmarks dwpose --json speed.json
 
-On the CPU, MuseTalk's fp16 and bf16 rows both compute in bfloat16 (a job's
-``fp16`` there) where the CPU has it in hardware; where the engine refuses a
-configuration (such a CPU without it, LatentSync's fp16 on the CPU) the row reads
-"n/a: " and the engine's reason. ``--compile`` compares torch.compile modes (each batch
+On the CPU, the fp16 and bf16 rows both compute in bfloat16 (a job's ``fp16``
+there) where the CPU has it in hardware; where the engine refuses a
+configuration (such a CPU without it) the row reads "n/a: " and the engine's
+reason. ``--compile`` compares torch.compile modes (each batch
 size compiles during warm-up, whose time the table shows). With
 ``--repeat-with-cache`` each configuration runs its job twice with one avatar
 cache folder: the first run prepares and caches the source, the second reuses it.
@@ -30,6 +30,12 @@ small random weights of the real architecture), ``--steps`` DDIM steps (20),
 audio, whatever ``--fps`` the synthetic source has::
 
     python -m bench.speed --model latentsync --device cpu --dtypes fp32 --seconds 2 --steps 2
+
+At the real sizes, add the version's folder to the random models (``python -m
+bench.random_models --latentsync 1.5``) and name it with ``--version``::
+
+    python -m bench.speed --model latentsync --version 1.5 --models ~/.cache/musetalk-worker/bench-models \
+        --device cpu --dtypes fp32,fp16 --seconds 0.64 --steps 2
 
 ``--restore`` runs every MuseTalk configuration twice, without and with face
 restoration (GFPGAN v1.4, random weights of the real 512 px network, added to
@@ -105,34 +111,36 @@ def latentsync_fixture_models() -> Path:
 
 
 def engine_options(model: str, *, batch_size: int = 8, fp16: bool = False, steps: int = 20, guidance: float = 1.5,
-                   deepcache: bool = True, restore: bool = False):
+                   deepcache: bool = True, restore: bool = False, version: str = ""):
     """The job options of ``model`` for a measured job: MuseTalk's batch size and face restoration, or
-    LatentSync's steps, guidance, DeepCache (its seed the default, so runs compare)."""
+    LatentSync's steps, guidance, DeepCache (its seed the default, so runs compare); ``version`` the model's
+    (empty: its default)."""
     from musetalk_worker import MuseTalkOptions
     from musetalk_worker.options import LatentSyncOptions
 
+    chosen = {"version": version} if version else {}
     if model == "latentsync":
-        return LatentSyncOptions(steps=steps, guidance=guidance, deepcache=deepcache, fp16=fp16)
-    return MuseTalkOptions(batch_size=batch_size, fp16=fp16, restore=restore)
+        return LatentSyncOptions(steps=steps, guidance=guidance, deepcache=deepcache, fp16=fp16, **chosen)
+    return MuseTalkOptions(batch_size=batch_size, fp16=fp16, restore=restore, **chosen)
 
 
 def load_bench_engine(model: str, models: Path, *, device: str = "cpu", landmarks: str = "dlib", fp16: bool = False,
-                      cache_dir: Optional[Path] = None, acceleration=None):
-    """The engine of ``model`` with ``models``: MuseTalk's pipeline, or LatentSync's through ``load_engine`` with
-    its default version loaded now (so that load time and RSS after load include it)."""
-    from musetalk_worker.options import Acceleration, EngineConfig, LatentSyncOptions
+                      cache_dir: Optional[Path] = None, acceleration=None, version: str = ""):
+    """The engine of ``model`` with ``models`` and ``version`` (empty: the model's default) loaded now, so that
+    load time and RSS after load include it: MuseTalk's pipeline, or LatentSync's through ``load_engine``."""
+    from musetalk_worker.options import Acceleration, EngineConfig
 
     acceleration = acceleration or Acceleration()
+    versions = (version or engine_options(model).version,)
     if model == "latentsync":
         from musetalk_worker.engine import load_engine
 
         return load_engine("latentsync", EngineConfig(models, device=device, landmarks=landmarks, fp16=fp16,
-                                                      versions=(LatentSyncOptions().version,),
-                                                      acceleration=acceleration))
+                                                      versions=versions, acceleration=acceleration))
     from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
 
     return MuseTalkPipeline.from_models(models, device=device, fp16=fp16, landmarks=landmarks, cache_dir=cache_dir,
-                                        acceleration=acceleration)
+                                        acceleration=acceleration, versions=versions)
 
 
 def warm_up(model: str, pipe, options) -> None:
@@ -163,6 +171,7 @@ class Config:
     guidance: float = 1.5
     deepcache: bool = True
     restore: bool = False
+    version: str = ""
 
     @property
     def label(self) -> str:
@@ -194,10 +203,12 @@ def run_one(config: Config) -> Dict[str, object]:
         try:
             started = time.perf_counter()
             pipe = load_bench_engine(config.model, Path(config.models), device=config.device, fp16=fp16,
-                                     landmarks=config.landmarks, cache_dir=cache_dir, acceleration=acceleration)
+                                     landmarks=config.landmarks, cache_dir=cache_dir, acceleration=acceleration,
+                                     version=config.version)
             report["load_s"] = time.perf_counter() - started
             options = engine_options(config.model, batch_size=config.batch_size, fp16=fp16, steps=config.steps,
-                                     guidance=config.guidance, deepcache=config.deepcache, restore=config.restore)
+                                     guidance=config.guidance, deepcache=config.deepcache, restore=config.restore,
+                                     version=config.version)
             started = time.perf_counter()
             warm_up(config.model, pipe, options)
             report["warm_up_s"] = time.perf_counter() - started
@@ -283,6 +294,7 @@ def render(reports: Sequence[Dict[str, object]], header: Dict[str, object]) -> s
         f"- machine: {header['machine']}",
         f"- device: {header['device']}",
         f"- models: {header['models']}",
+        f"- version: {header.get('version') or 'the default'}",
         f"- media: {header['media']}",
         f"- face back-end: {header['landmarks']}",
         f"- video encoder: {header.get('video_codec', '—')}",
@@ -403,6 +415,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repeat-with-cache", action="store_true",
                         help="run each job twice with one avatar cache folder (miss, then hit)")
     parser.add_argument("--timeout", type=float, help="seconds allowed per configuration")
+    parser.add_argument("--version", default="",
+                        help="the model's version (default: its default, musetalk v15, latentsync 1.6)")
     parser.add_argument("--steps", type=int, default=20, help="latentsync: DDIM steps (default 20)")
     parser.add_argument("--guidance", type=float, default=1.5, help="latentsync: guidance scale (default 1.5)")
     parser.add_argument("--no-deepcache", dest="deepcache", action="store_false",
@@ -453,14 +467,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                   restores):
             config = Config(str(models), str(source), str(audio), args.device, dtype, batch_size,
                             args.landmarks, args.threads, args.repeat_with_cache, mode, args.channels_last,
-                            args.model, args.steps, args.guidance, args.deepcache, restore)
+                            args.model, args.steps, args.guidance, args.deepcache, restore, args.version)
             reports.append(measure(config, args.timeout))
     device = next((r for r in reports if r.get("device")), {})
     device_text = device.get("gpu") or device.get("device") or args.device
     if device.get("threads"):
         device_text += f" (torch {device['torch']}, {device['threads']} CPU threads)"
     header = {"model": args.model, "machine": describe_machine(host), "device": device_text, "models": models_text, "media": media_text,
-              "landmarks": args.landmarks, "video_codec": device.get("video_codec"), "engine": engine}
+              "landmarks": args.landmarks, "video_codec": device.get("video_codec"), "engine": engine,
+              "version": args.version or engine_options(args.model).version}
     print(render(reports, header))
     if args.json:
         args.json.write_text(json.dumps({"header": header, "machine": host, "reports": reports}, indent=1) + "\n")

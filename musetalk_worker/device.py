@@ -90,6 +90,27 @@ def cpu_has_native_bfloat16() -> bool:
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
+def half_dtype(device: "torch.device", configured: str = "float16") -> "torch.dtype":
+    """What a job's ``fp16`` computes in on ``device``: ``configured`` (the deployment's half dtype) on a GPU;
+    on the CPU bfloat16 where the CPU has it in hardware (float16 has no fast CPU kernels).
+
+    Raises:
+        LipSyncError(invalid_input): a CPU without bfloat16 in hardware.
+    """
+    import torch
+
+    if device.type != "cpu":
+        return getattr(torch, configured)
+    if not cpu_has_native_bfloat16():
+        raise LipSyncError(
+            ErrorCode.INVALID_INPUT,
+            "fp16 on the CPU computes in bfloat16, which needs a CPU with it in hardware (Intel AMX or "
+            "AVX512-BF16); this one has neither. Set fp16 to false.",
+            stage="validate",
+        )
+    return torch.bfloat16
+
+
 def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """The CPUs this process can keep busy: its affinity mask, capped by the container's CPU quota.
 

@@ -44,6 +44,29 @@ def test_tiny_models_load_with_the_engine_loaders(tiny_models):
     assert state["conv_out32.conv_out.weight"].shape == (19, 64, 1, 1)
 
 
+def test_latentsync_folders_load_with_the_engine_loader(tmp_path):
+    """``--latentsync``: each version's folder as the image holds it, loadable as a job loads it (strict keys)."""
+    from musetalk_worker.engines.latentsync.models import LatentSyncModels
+    from musetalk_worker.engines.latentsync.pipeline import RESOLUTIONS
+
+    dest = build_models(tmp_path, tiny=True, latentsync=["1.5", "1.6"])
+    for version in ("1.5", "1.6"):
+        loaded = LatentSyncModels.load(dest / f"latentsync-{version}", torch.device("cpu"), torch.float32)
+        assert loaded.resolution == RESOLUTIONS[version]
+        assert loaded.unet.config.block_out_channels == (32, 64, 64, 64)
+        assert loaded.audio.encoder.dims.n_audio_state == loaded.unet.config.cross_attention_dim == 384
+        keep, size = loaded.mouth_mask().keep, loaded.resolution
+        assert 0.5 < float(keep.mean()) < 0.95, "most of the face is kept"
+        assert float(keep[0, 0, size * 3 // 4, size // 2]) == 0.0 == float(keep[0, 0, size // 4, size // 2]) - 1, \
+            "the mouth is regenerated, the eyes kept"
+    unet = dest / "latentsync-1.5" / "latentsync_unet.safetensors"
+    before = unet.stat().st_mtime_ns
+    build_models(dest, tiny=True, latentsync=["1.5"])
+    assert unet.stat().st_mtime_ns == before, "a second build keeps what is there"
+    with pytest.raises(ValueError, match="unknown LatentSync version"):
+        build_models(dest, tiny=True, latentsync=["2.0"])
+
+
 def test_models_are_cached_and_a_build_of_another_size_is_refused(tiny_models):
     unet_file = tiny_models / "musetalkV15" / "unet.pth"
     before = unet_file.stat().st_mtime_ns

@@ -266,9 +266,9 @@ def test_an_fp16_job_on_the_cpu_computes_in_bfloat16_close_to_float32(pipeline, 
 
 def test_an_fp16_job_is_refused_on_a_cpu_without_bfloat16(pipeline, clips, tmp_path, monkeypatch):
     """No such CPU here: the capability check is replaced, the refusal is the engine's own."""
-    from musetalk_worker.engines.musetalk import pipeline as module
+    from musetalk_worker import device
 
-    monkeypatch.setattr(module, "cpu_has_native_bfloat16", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_native_bfloat16", lambda: False)
     with pytest.raises(LipSyncError, match="bfloat16, which needs a CPU with it in hardware") as caught:
         pipeline(clips["video1s"], clips["speech05s"], tmp_path / "x.mp4", MuseTalkOptions(fp16=True))
     assert caught.value.code == ErrorCode.INVALID_INPUT

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ...decode import MediaInfo, iter_video_frames, load_audio, probe_inputs, read_image
-from ...device import resolve_device, warm_up_pays
+from ...device import half_dtype, resolve_device, warm_up_pays
 from ...encode import HlsOutput, VideoEncoder, choose_video_codec
 from ...engine import LipSyncResult, Progress
 from ...errors import ErrorCode, LipSyncError
@@ -258,12 +258,7 @@ class LatentSyncPipeline:
         return out
 
     def _dtype(self, fp16: bool) -> torch.dtype:
-        if not fp16:
-            return torch.float32
-        if self.device.type == "cpu":
-            raise LipSyncError(ErrorCode.INVALID_INPUT, "fp16 needs a GPU (CUDA or MPS); this worker runs on the "
-                               "CPU. Set fp16 to false.", stage="validate")
-        return getattr(torch, self.acceleration.half_dtype)
+        return half_dtype(self.device, self.acceleration.half_dtype) if fp16 else torch.float32
 
 
 def _resolution(folder: Path, version: str) -> Optional[int]:

@@ -30,7 +30,7 @@ import torch
 
 from ...avatar_cache import AvatarCache
 from ...decode import MediaInfo, load_audio, probe_inputs
-from ...device import cpu_has_native_bfloat16, resolve_device, usable_cpus, warm_up_pays
+from ...device import half_dtype, resolve_device, usable_cpus, warm_up_pays
 from ...encode import HlsOutput, VideoEncoder, choose_video_codec
 from ...engine import LipSyncResult, Progress
 from ...errors import ErrorCode, LipSyncError
@@ -485,18 +485,7 @@ class MuseTalkPipeline:
         return hashes
 
     def _half_dtype(self) -> torch.dtype:
-        """What a job's ``fp16`` computes in: the deployment's half dtype on a GPU; bfloat16 on a CPU that
-        has it in hardware (float16 has no fast CPU kernels), else the job is refused."""
-        if self.device.type != "cpu":
-            return getattr(torch, self.acceleration.half_dtype)
-        if not cpu_has_native_bfloat16():
-            raise LipSyncError(
-                ErrorCode.INVALID_INPUT,
-                "fp16 on the CPU computes in bfloat16, which needs a CPU with it in hardware (Intel AMX or "
-                "AVX512-BF16); this one has neither. Set fp16 to false.",
-                stage="validate",
-            )
-        return torch.bfloat16
+        return half_dtype(self.device, self.acceleration.half_dtype)
 
     def vae(self, dtype: torch.dtype) -> torch.nn.Module:
         """The autoencoder in ``dtype`` (loaded, and sped up as the deployment says, on first use)."""
