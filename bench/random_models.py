@@ -9,7 +9,7 @@ sd-vae-ft-mse's VAE, whisper-tiny, BiSeNet), or shrunk (``--tiny``) for tests::
 
 ``--latentsync`` adds each named LatentSync version's folder as the image holds
 it (``latentsync-<version>/``): its 1.27 G-parameter UNet3D (upstream's stage2
-architecture, written as safetensors), OpenAI whisper-tiny's encoder checkpoint
+architecture, as the image stores it: float16 safetensors), OpenAI whisper-tiny's encoder checkpoint
 (``whisper/tiny.pt``), the VAE (a link to the one above) and a mouth mask of
 upstream's shape (the lower half of the face, to be regenerated). ``--tiny``
 shrinks the UNet3D too (a ``configs/unet`` yaml says so, and the resolution).
@@ -324,7 +324,8 @@ def _write_latentsync(dest: Path, version: str, tiny: bool, seed: int) -> None:
             shapes = {k: v.shape for k, v in LatentSyncUNet(config).state_dict().items()}
         state = random_state(shapes, seed)
         logger.info("LatentSync %s UNet3D: %.1f M parameters", version, sum(t.numel() for t in state.values()) / 1e6)
-        _atomic_write(unet_file, lambda p: save_file(state, str(p)))
+        # The image's conversion of the published float32 checkpoint is float16 (weights.lock.json).
+        _atomic_write(unet_file, lambda p: save_file({k: v.half() for k, v in state.items()}, str(p)))
     whisper = folder / "whisper" / "tiny.pt"
     if not whisper.exists():
         dims = WhisperDims(**{k: LATENTSYNC_WHISPER_DIMS[k] for k in WhisperDims.__dataclass_fields__})
