@@ -17,7 +17,8 @@ other models (the parity fixture's) set it to ``none``, or the worker refuses
 to start. ``--random-models`` uses real-size random-weight models
 (:mod:`bench.random_models`, built once into
 ``~/.cache/musetalk-worker/bench-models``) and sets the lock to ``none``.
-``--baseline DIR`` also starts another copy of the project (e.g. ``git worktree
+``--drop-caches`` empties the page cache before each start (Linux, root), so the
+weights are read from disk as on a fresh worker. ``--baseline DIR`` also starts another copy of the project (e.g. ``git worktree
 add /tmp/before <commit>``) with the same settings, alternating with this one,
 so that the two compare under the same machine load.
 """
@@ -41,6 +42,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("measure_cold_start")
+DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 
 def main() -> int:
@@ -57,7 +59,12 @@ def main() -> int:
                         help="real-size random-weight models (bench/random_models.py; sets MUSETALK_WEIGHTS_LOCK=none)")
     parser.add_argument("--baseline", type=Path,
                         help="another copy of the project to start alternately, for comparison")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="empty the page cache before each start, so the weights come from disk as on a fresh "
+                             "worker (Linux, root: writes /proc/sys/vm/drop_caches)")
     args = parser.parse_args()
+    if args.drop_caches and not os.access(DROP_CACHES, os.W_OK):
+        parser.error(f"--drop-caches needs to write {DROP_CACHES} (Linux, as root)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.random_models:
         if args.models_dir is not None:
@@ -82,6 +89,8 @@ def main() -> int:
         results: dict = {name: [] for name in trees}
         for _ in range(args.runs):
             for name, tree in trees.items():
+                if args.drop_caches:
+                    _drop_caches()
                 results[name].append({"tree": name, **_one_cold_start(env, job, args.timeout, tree)})
     device = _device(env)
     for name, runs in results.items():
@@ -139,6 +148,11 @@ def _one_cold_start(env: dict, job: dict | None, timeout: float, tree: Path = RO
         result["models_load_s"], result["warm_up_s"] = float(match.group(1)), float(match.group(2))
     logger.info("cold start: %s", result)
     return result
+
+
+def _drop_caches() -> None:
+    os.sync()
+    Path(DROP_CACHES).write_text("1\n")  # 1: the page cache (clean pages only, hence the sync)
 
 
 def _answers(port: int) -> bool:
