@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from musetalk_worker.device import MPS_FALLBACK_ENV, fit_cpu_threads, resolve_device, usable_cpus, warm_up_pays
+from musetalk_worker import device as device_module
+from musetalk_worker.device import (
+    MPS_FALLBACK_ENV, fit_cpu_threads, half_dtype, resolve_device, usable_cpus, warm_up_pays,
+)
 from musetalk_worker.errors import LipSyncError
 
 
@@ -96,3 +99,15 @@ def test_torch_threads_are_capped_at_the_quota_unless_omp_num_threads_is_set(tmp
 def test_a_warm_up_runs_where_a_first_call_pays_set_up(device, compiled, expected):
     # Device objects only: no GPU is needed to name one.
     assert warm_up_pays(torch.device(device), compiled) is expected
+
+
+def test_a_jobs_fp16_is_the_deployments_half_dtype_on_a_gpu_and_bfloat16_on_a_capable_cpu(monkeypatch):
+    # Device objects only: the rule, not a GPU, is under test.
+    assert half_dtype(torch.device("cuda"), "float16") is torch.float16
+    assert half_dtype(torch.device("mps"), "bfloat16") is torch.bfloat16
+    monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: True)
+    assert half_dtype(torch.device("cpu"), "float16") is torch.bfloat16
+    monkeypatch.setattr(device_module, "cpu_has_native_bfloat16", lambda: False)
+    with pytest.raises(LipSyncError, match="needs a CPU with it in hardware") as caught:
+        half_dtype(torch.device("cpu"))
+    assert caught.value.stage == "validate"
