@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--landmarks", choices=("auto", "dwpose", "dlib"), default="auto")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--fp16", action="store_true", default=None,
-                   help="half precision: float16 on a GPU; MuseTalk: bfloat16 on a CPU with AMX or AVX512-BF16")
+                   help="half precision: float16 on a GPU, bfloat16 on a CPU with AMX or AVX512-BF16")
     p.add_argument("--crf", type=int, help="video quality, lower is better (18)")
     musetalk = p.add_argument_group("musetalk options")
     musetalk.add_argument("--adapter", type=Path,

@@ -138,7 +138,7 @@ class LatentSyncOptions:
             inputs give the same video (1247, upstream's).
         deepcache: reuse the UNet's deep features on two of every three steps
             (DeepCache, interval 3), about 2.5x faster for a small change (true).
-        fp16: compute in half precision (GPU only).
+        fp16: compute the networks in half precision, as for MuseTalk (:func:`..device.half_dtype`).
         crf: video quality, as for MuseTalk.
         restore, restore_weight, restore_region: GFPGAN face restoration, as
             for MuseTalk (``face`` is the whole aligned face LatentSync pastes
