@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 import pytest
 import requests
 
+from adapter_helpers import make_adapter
 from conftest import ROOT, ffprobe
 from servers import free_port
 
@@ -156,6 +157,41 @@ def test_video_round_trip(server, media, tmp_path):
     assert response.status_code == 200, response.text
     assert _result(response)["frames"] == 5 and _result(response)["fps_fraction"] == "25/1"
     assert _frames(response.content, tmp_path) == 5
+    server.wait_for_empty_scratch()
+
+
+def _pictures(video: bytes, tmp_path: Path) -> bytes:
+    """The decoded frames (raw BGR): pictures to compare, not container bytes."""
+    path = tmp_path / "pictures.mp4"
+    path.write_bytes(video)
+    return subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "bgr24",
+                           "pipe:1"], capture_output=True, check=True).stdout
+
+
+def test_an_uploaded_adapter_changes_the_video_and_a_bad_one_is_refused(server, media, fixture_models, tmp_path):
+    lora = make_adapter(fixture_models, tmp_path / "lora")
+    plain = server.post({"source": media.face, "audio": media.speech}, {"fps": "5"})
+    adapted = [server.post({"source": media.face, "audio": media.speech, "adapter": lora}, {"fps": "5"})
+               for _ in range(2)]
+    assert [r.status_code for r in (plain, *adapted)] == [200, 200, 200], [r.text for r in (plain, *adapted)]
+    assert _result(adapted[0])["frames"] == 2
+    base, first, second = (_pictures(r.content, tmp_path) for r in (plain, *adapted))
+    # The adapter's LoRA is on for its jobs (the second one from the worker's cache) and off for the others.
+    assert first == second and first != base
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    # A schema refusal is 422; a file the engine cannot read is bad input found later, 400.
+    refusals = [
+        ({"adapter": lora}, {"model": "latentsync"}, 422, "'adapter' works with model 'musetalk' only"),
+        ({"adapter": broken}, {"fps": "5"}, 400, "adapter is not a readable safetensors file"),
+        ({}, {"fps": "5", "adapter": "adapter.safetensors"}, 422, "'adapter' must be a file part (-F adapter=@file)"),
+    ]
+    for files, data, status, message in refusals:
+        response = server.post({"source": media.face, "audio": media.speech, **files}, data)
+        body = response.json()
+        assert response.status_code == status and body["error_code"] == "invalid_input", body
+        assert message in body["error"], body
     server.wait_for_empty_scratch()
 
 

@@ -85,8 +85,9 @@ class LipSyncServer:
             "name": "musetalk-worker",
             "version": _version(),
             "ready": self.worker is not None,
-            "endpoints": {"POST /generate": "multipart: the files source and audio, any job option as a field; "
-                          f"answers video/mp4 with the job's result as JSON in {RESULT_HEADER}",
+            "endpoints": {"POST /generate": "multipart: the files source and audio (and adapter, a LoRA's "
+                          "adapter.safetensors, MuseTalk only), any job option as a field; answers video/mp4 with "
+                          f"the job's result as JSON in {RESULT_HEADER}",
                           "GET /health": "200 when ready, 503 while loading",
                           "POST /shutdown": "stops after the jobs already taken (loopback clients only)"},
             "models": models,
@@ -173,11 +174,15 @@ def _job_input(form: ReceivedForm) -> Dict[str, Any]:
                     else f"'{name}' cannot be set here: the video comes back in the response"
                     for name in refused]
         raise _invalid("; ".join(problems) + ".")
-    needed = ["audio"] if "avatar_id" in form.fields else list(FILE_FIELDS)
+    needed = ["audio"] if "avatar_id" in form.fields else ["source", "audio"]
     missing = [name for name in needed if name not in form.files]
     if missing:
         raise _invalid(" ".join(f"'{name}' is missing: send it as a file part (-F {name}=@file)." for name in missing))
-    return {**{name: path.name for name, path in form.files.items()}, **typed_fields(form.fields)}
+    job = {name: path.name for name, path in form.files.items()}
+    if "adapter" in job:
+        # The bytes received are the adapter meant: its hash is taken from them, not asked for.
+        job["adapter"] = {"url": job["adapter"], "sha256": form.sha256["adapter"]}
+    return {**job, **typed_fields(form.fields)}
 
 
 def _invalid(message: str) -> ServeError:

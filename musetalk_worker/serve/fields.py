@@ -20,8 +20,8 @@ from typing import Any, Dict, FrozenSet, Mapping
 from ..options import ENGINE_OPTIONS, LIMITS
 from ..schema import MODEL_VERSIONS, JobInput
 
-# The two uploads; every other form field is a job option.
-FILE_FIELDS = ("source", "audio")
+# The uploads (``adapter``, a LoRA's adapter.safetensors, is optional); every other form field is a job option.
+FILE_FIELDS = ("source", "audio", "adapter")
 # Job keys a form may not set: the video comes back in the response, never to a bucket.
 REFUSED_FIELDS = ("output",)
 

@@ -11,9 +11,10 @@ still read the 413 instead of a reset connection.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
-from typing import AsyncIterator, BinaryIO, Dict, List, Optional
+from typing import Any, AsyncIterator, BinaryIO, Dict, List, Optional
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -42,16 +43,17 @@ class UploadLimits:
 
     @property
     def request_bytes(self) -> int:
-        """The most a whole request can need: both files, every field, and room for the part headers."""
+        """The most a whole request can need: every file, every field, and room for the part headers."""
         return len(FILE_FIELDS) * self.file_bytes + self.fields * self.field_bytes + 64 * 1024
 
 
 @dataclasses.dataclass
 class ReceivedForm:
-    """The text fields as sent, and the path each file part was written to."""
+    """The text fields as sent, the path each file part was written to, and each file's SHA-256."""
 
     fields: Dict[str, str]
     files: Dict[str, Path]
+    sha256: Dict[str, str]
 
 
 @dataclasses.dataclass
@@ -63,6 +65,8 @@ class _Part:
     file: Optional[BinaryIO] = None
     path: Optional[Path] = None
     size: int = 0
+    # Hashed as it arrives: the event loop never has to read a whole file back for its SHA-256.
+    digest: Any = dataclasses.field(default_factory=hashlib.sha256)
 
 
 class _Receiver:
@@ -71,7 +75,7 @@ class _Receiver:
     def __init__(self, folder: Path, limits: UploadLimits):
         self.folder = folder
         self.limits = limits
-        self.form = ReceivedForm({}, {})
+        self.form = ReceivedForm({}, {}, {})
         self.too_large: Optional[str] = None  # the first over-limit part's message
         self._part = _Part()
         self._header_name = b""
@@ -109,7 +113,7 @@ class _Receiver:
             raise _bad_form(f"the form has '{part.name}' more than once; send each field once.")
         if part.is_file:
             if part.name not in FILE_FIELDS:
-                raise _bad_form(f"'{part.name}' is a file; only {' and '.join(FILE_FIELDS)} are files, every "
+                raise _bad_form(f"'{part.name}' is a file; only {', '.join(FILE_FIELDS)} are files, every "
                                 "job option is a text field.")
             suffix = Path(params[b"filename"].decode("utf-8", "replace")).suffix
             part.path = self.folder / f"{part.name}{suffix.lower() if _SUFFIX.match(suffix) else ''}"
@@ -126,6 +130,7 @@ class _Receiver:
                 self._refuse_file(part)
             elif part.file is not None:
                 part.file.write(data[start:end])
+                part.digest.update(data[start:end])
         elif part.size > self.limits.field_bytes:
             raise ServeError(TOO_LARGE, f"the form field '{part.name}' is over {self.limits.field_bytes} bytes.",
                              stage="upload")
@@ -152,6 +157,7 @@ class _Receiver:
         elif part.file is not None:
             part.file.close()
             self.form.files[part.name] = part.path
+            self.form.sha256[part.name] = part.digest.hexdigest()
 
     def close(self) -> None:
         for file in self._opened:
@@ -178,8 +184,9 @@ async def receive_form(content_type: Optional[str], body: AsyncIterator[bytes], 
             received += len(chunk)
             if received > limits.request_bytes:
                 raise ServeError(TOO_LARGE, receiver.too_large or (
-                    f"the request is over {_mib(limits.request_bytes)}: two files of at most "
-                    f"{_mib(limits.file_bytes)} each (MUSETALK_MAX_DOWNLOAD_BYTES) and a few option fields."),
+                    f"the request is over {_mib(limits.request_bytes)}: the files ({', '.join(FILE_FIELDS)}) of "
+                    f"at most {_mib(limits.file_bytes)} each (MUSETALK_MAX_DOWNLOAD_BYTES) and a few option "
+                    "fields."),
                     stage="upload")
             parser.write(chunk)
         parser.finalize()
