@@ -12,11 +12,17 @@ different CPU)::
 
 Each figure is the fastest of ``--repeats`` timed passes over ``max(sizes)``
 images after one untimed pass. Default models: the parity fixture's small ones.
+
+Beside the times, each network's arithmetic per image (counted by
+``torch.utils.flop_counter`` in the untimed pass) and the rate it reaches,
+against a large dense matrix product in the same dtype on the same device:
+how near a network already is to what the device's arithmetic can give.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,8 +31,20 @@ from typing import Callable, Dict, List, Optional, Tuple
 from . import FIXTURE_MODELS, describe_machine, engine_version, machine, parse_args
 
 
-def _per_image_ms(run: Callable[[], None], count: int, repeats: int, sync: Callable[[], None]) -> float:
-    run()
+@dataclasses.dataclass
+class Measured:
+    """Milliseconds per image by network and images per call, and each network's GFLOP per image."""
+
+    ms_per_image: Dict[str, Dict[int, float]]
+    gflop_per_image: Dict[str, float]
+
+
+def _per_image(run: Callable[[], None], count: int, repeats: int, sync: Callable[[], None]) -> Tuple[float, float]:
+    """(ms per image, GFLOP per image): the fastest timed pass, and the arithmetic of the untimed first one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
     sync()
     best = float("inf")
     for _ in range(repeats):
@@ -34,12 +52,34 @@ def _per_image_ms(run: Callable[[], None], count: int, repeats: int, sync: Calla
         run()
         sync()
         best = min(best, time.perf_counter() - started)
-    return 1000 * best / count
+    return 1000 * best / count, counter.get_total_flops() / count / 1e9
+
+
+def gemm_gflops(device_name: str, dtype_name: str, size: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of one ``size``-square matrix product in ``dtype_name``: the fastest of ``repeats``, after two."""
+    import torch
+
+    from musetalk_worker.device import resolve_device
+
+    device = resolve_device(device_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(device, getattr(torch, dtype_name)) for _ in range(2))
+    for _ in range(2):
+        torch.mm(a, b)
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
 
 
 def measure(models: Path, device_name: str, sizes: List[int], repeats: int,
-            dtype_name: str = "float32") -> Dict[str, Dict[int, float]]:
-    """Milliseconds per image of each network at each call size: {network: {images per call: ms}}.
+            dtype_name: str = "float32") -> Measured:
+    """Milliseconds per image of each network at each call size, and its GFLOP per image.
 
     Each runs through the engine's own class (inputs laid out as a job lays
     them out), with its images-per-call setting replaced by the size tried.
@@ -84,8 +124,13 @@ def measure(models: Path, device_name: str, sizes: List[int], repeats: int,
         "face parsing (512x512)": (lambda size: _with(parser, "images_per_call", size, parser.parse, squares), count),
         "UNet": (unet_in_calls, count),
     }
-    return {name: {size: _per_image_ms(lambda: run(size), items, repeats, sync) for size in sizes}
-            for name, (run, items) in networks.items()}
+    measured = Measured({}, {})
+    for name, (run, items) in networks.items():
+        timed = {size: _per_image(lambda: run(size), items, repeats, sync) for size in sizes}
+        measured.ms_per_image[name] = {size: ms for size, (ms, _) in timed.items()}
+        # The arithmetic per image does not depend on the call size.
+        measured.gflop_per_image[name] = timed[sizes[0]][1]
+    return measured
 
 
 def _with(owner: object, setting: str, size: int, call: Callable, inputs) -> object:
@@ -93,14 +138,18 @@ def _with(owner: object, setting: str, size: int, call: Callable, inputs) -> obj
     return call(inputs)
 
 
-def render(figures: Dict[str, Dict[int, float]], sizes: List[int]) -> str:
-    """A markdown table: one row per network, one column per call size, the fastest in bold."""
-    lines = ["| ms per image | " + " | ".join(f"{s} per call" for s in sizes) + " |",
-             "| --- | " + " | ".join("---:" for _ in sizes) + " |"]
-    for name, row in figures.items():
+def render(measured: Measured, sizes: List[int], gemm: float) -> str:
+    """A markdown table: one row per network, one column per call size (the fastest in bold), then the network's
+    GFLOP per image and the rate of its fastest size, also as a share of ``gemm`` (the matrix product's GFLOP/s)."""
+    lines = ["| ms per image | " + " | ".join(f"{s} per call" for s in sizes)
+             + " | GFLOP per image | GFLOP/s (fastest) | of the matrix product |",
+             "| --- | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: | ---: |"]
+    for name, row in measured.ms_per_image.items():
         fastest = min(row.values())
         cells = [f"**{row[s]:.1f}**" if row[s] == fastest else f"{row[s]:.1f}" for s in sizes]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        gflop = measured.gflop_per_image[name]
+        rate = gflop / (fastest / 1000)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gflop:.2f} | {rate:.0f} | {rate / gemm:.0%} |")
     return "\n".join(lines)
 
 
@@ -120,15 +169,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     sizes = sorted(set(args.sizes))
     info = machine()
-    figures = measure(args.models, args.device, sizes, args.repeats, args.dtype)
+    measured = measure(args.models, args.device, sizes, args.repeats, args.dtype)
+    gemm = gemm_gflops(args.device, args.dtype)
     import torch
 
     print(f"{describe_machine(info)}; device {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads, {args.dtype}; models {args.models}; engine {engine_version()}\n")
-    print(render(figures, sizes))
+    print(render(measured, sizes, gemm))
+    print(f"\nmatrix product (4096x4096 @ 4096x4096, {args.dtype}) on this device: {gemm:.0f} GFLOP/s")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "models": str(args.models), "device": args.device,
-                                         "dtype": args.dtype, "figures": figures}, indent=2))
+                                         "dtype": args.dtype, "figures": measured.ms_per_image,
+                                         "gflop_per_image": measured.gflop_per_image, "gemm_gflops": gemm},
+                                        indent=2))
     return 0
 
 

@@ -200,3 +200,33 @@ def test_memory_compares_two_latentsync_lengths(latentsync_models, tmp_path, med
     short, long = json.loads(out.read_text())["reports"]
     assert (short["frames"], long["frames"]) == (17, 25)
     assert long["job_peak_rss_mib"] > long["rss_after_load_mib"] > 0
+
+
+def test_images_per_call_counts_each_networks_arithmetic_per_image(tiny_models):
+    """The decoder's counted GFLOP per image against its convolutions' multiply-adds summed by hand (forward
+    hooks: 2 x output elements x input channels per group x kernel area), which are nearly all of it."""
+    from bench.images_per_call import Measured, measure, render
+
+    measured = measure(tiny_models, "cpu", [1, 2], repeats=1)
+    assert set(measured.gflop_per_image) == set(measured.ms_per_image)
+    assert all(v > 0 for v in measured.gflop_per_image.values())
+
+    vae = models.load_vae(tiny_models, torch.device("cpu"), torch.float32)
+    conv_flops = []
+
+    def count(module, inputs, output):
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        conv_flops.append(2 * output.numel() * module.in_channels // module.groups * kernel)
+
+    for module in vae.decoder.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(count)
+    vae.post_quant_conv.register_forward_hook(count)
+    with torch.inference_mode():
+        vae.decode(torch.randn(1, 4, 32, 32))
+    by_hand = sum(conv_flops) / 1e9
+    assert by_hand == pytest.approx(measured.gflop_per_image["VAE decode"], rel=0.02)
+
+    table = render(Measured({"VAE decode": {1: 100.0, 2: 50.0}}, {"VAE decode": 2.0}), [1, 2], gemm=80.0)
+    # 2 GFLOP in 50 ms is 40 GFLOP/s, half of the matrix product's 80.
+    assert "| VAE decode | 100.0 | **50.0** | 2.00 | 40 | 50% |" in table
