@@ -15,7 +15,7 @@ images after one untimed pass. Default models: the parity fixture's small ones.
 
 Beside the times, each network's arithmetic per image (counted by
 ``torch.utils.flop_counter`` in the untimed pass) and the rate it reaches,
-against a large dense matrix product in the same dtype on the same device:
+against a large dense matrix product in the network's dtype on the same device:
 how near a network already is to what the device's arithmetic can give.
 """
 
@@ -33,10 +33,11 @@ from . import FIXTURE_MODELS, describe_machine, engine_version, machine, parse_a
 
 @dataclasses.dataclass
 class Measured:
-    """Milliseconds per image by network and images per call, and each network's GFLOP per image."""
+    """Milliseconds per image by network and images per call, each network's GFLOP per image and its dtype."""
 
     ms_per_image: Dict[str, Dict[int, float]]
     gflop_per_image: Dict[str, float]
+    dtypes: Dict[str, str]
 
 
 def _per_image(run: Callable[[], None], count: int, repeats: int, sync: Callable[[], None]) -> Tuple[float, float]:
@@ -124,8 +125,9 @@ def measure(models: Path, device_name: str, sizes: List[int], repeats: int,
         "face parsing (512x512)": (lambda size: _with(parser, "images_per_call", size, parser.parse, squares), count),
         "UNet": (unet_in_calls, count),
     }
-    measured = Measured({}, {})
+    measured = Measured({}, {}, {})
     for name, (run, items) in networks.items():
+        measured.dtypes[name] = "float32" if name.startswith("face parsing") else dtype_name
         timed = {size: _per_image(lambda: run(size), items, repeats, sync) for size in sizes}
         measured.ms_per_image[name] = {size: ms for size, (ms, _) in timed.items()}
         # The arithmetic per image does not depend on the call size.
@@ -138,9 +140,10 @@ def _with(owner: object, setting: str, size: int, call: Callable, inputs) -> obj
     return call(inputs)
 
 
-def render(measured: Measured, sizes: List[int], gemm: float) -> str:
+def render(measured: Measured, sizes: List[int], gemm: Dict[str, float]) -> str:
     """A markdown table: one row per network, one column per call size (the fastest in bold), then the network's
-    GFLOP per image and the rate of its fastest size, also as a share of ``gemm`` (the matrix product's GFLOP/s)."""
+    GFLOP per image and the rate of its fastest size, also as a share of the matrix product's GFLOP/s in the
+    network's dtype (``gemm``: {dtype: GFLOP/s})."""
     lines = ["| ms per image | " + " | ".join(f"{s} per call" for s in sizes)
              + " | GFLOP per image | GFLOP/s (fastest) | of the matrix product |",
              "| --- | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: | ---: |"]
@@ -149,7 +152,8 @@ def render(measured: Measured, sizes: List[int], gemm: float) -> str:
         cells = [f"**{row[s]:.1f}**" if row[s] == fastest else f"{row[s]:.1f}" for s in sizes]
         gflop = measured.gflop_per_image[name]
         rate = gflop / (fastest / 1000)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gflop:.2f} | {rate:.0f} | {rate / gemm:.0%} |")
+        share = rate / gemm[measured.dtypes[name]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gflop:.2f} | {rate:.0f} | {share:.0%} |")
     return "\n".join(lines)
 
 
@@ -170,17 +174,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     sizes = sorted(set(args.sizes))
     info = machine()
     measured = measure(args.models, args.device, sizes, args.repeats, args.dtype)
-    gemm = gemm_gflops(args.device, args.dtype)
+    gemm = {dtype: gemm_gflops(args.device, dtype) for dtype in sorted(set(measured.dtypes.values()))}
     import torch
 
     print(f"{describe_machine(info)}; device {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads, {args.dtype}; models {args.models}; engine {engine_version()}\n")
     print(render(measured, sizes, gemm))
-    print(f"\nmatrix product (4096x4096 @ 4096x4096, {args.dtype}) on this device: {gemm:.0f} GFLOP/s")
+    rates = ", ".join(f"{rate:.0f} GFLOP/s in {dtype}" for dtype, rate in gemm.items())
+    print(f"\nmatrix product (4096x4096 @ 4096x4096) on this device: {rates} (face parsing is float32, as in a job)")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "models": str(args.models), "device": args.device,
                                          "dtype": args.dtype, "figures": measured.ms_per_image,
-                                         "gflop_per_image": measured.gflop_per_image, "gemm_gflops": gemm},
+                                         "gflop_per_image": measured.gflop_per_image, "dtypes": measured.dtypes,
+                                         "gemm_gflops": gemm},
                                         indent=2))
     return 0
 

@@ -227,6 +227,12 @@ def test_images_per_call_counts_each_networks_arithmetic_per_image(tiny_models):
     by_hand = sum(conv_flops) / 1e9
     assert by_hand == pytest.approx(measured.gflop_per_image["VAE decode"], rel=0.02)
 
-    table = render(Measured({"VAE decode": {1: 100.0, 2: 50.0}}, {"VAE decode": 2.0}), [1, 2], gemm=80.0)
-    # 2 GFLOP in 50 ms is 40 GFLOP/s, half of the matrix product's 80.
+    assert measured.dtypes == {name: "float32" for name in measured.ms_per_image}
+
+    table = render(Measured({"VAE decode": {1: 100.0, 2: 50.0}, "face parsing (512x512)": {1: 50.0, 2: 60.0}},
+                            {"VAE decode": 2.0, "face parsing (512x512)": 2.0},
+                            {"VAE decode": "bfloat16", "face parsing (512x512)": "float32"}),
+                   [1, 2], gemm={"bfloat16": 80.0, "float32": 400.0})
+    # 2 GFLOP in 50 ms is 40 GFLOP/s: half of the bfloat16 matrix product's 80, a tenth of the float32 one's 400.
     assert "| VAE decode | 100.0 | **50.0** | 2.00 | 40 | 50% |" in table
+    assert "| face parsing (512x512) | **50.0** | 60.0 | 2.00 | 40 | 10% |" in table
