@@ -25,9 +25,8 @@ cache folder: the first run prepares and caches the source, the second reuses it
 LatentSync parity fixture's models (``../shared/parity/latentsync/ls-*/models``,
 small random weights of the real architecture), ``--steps`` DDIM steps (20),
 ``--guidance`` (1.5), DeepCache unless ``--no-deepcache``. It works in
-16-frame chunks and has no avatar cache, so ``--batch-sizes`` and
-``--repeat-with-cache`` do not apply; its output is 25 fps, as long as the
-audio, whatever ``--fps`` the synthetic source has::
+16-frame chunks, so ``--batch-sizes`` does not apply; its output is 25 fps, as
+long as the audio, whatever ``--fps`` the synthetic source has::
 
     python -m bench.speed --model latentsync --device cpu --dtypes fp32 --seconds 2 --steps 2
 
@@ -94,6 +93,7 @@ LATENTSYNC_STAGES = (
     ("restore", "restore: GFPGAN v1.4 + warps in and out (on the device)", "output"),
     ("read", "read (aligned source frames from the spill)", "output"),
     ("encode", "encode (ffmpeg; the codec is in the header)", "output"),
+    ("cache", "avatar cache (hash, save, load)", "source"),
 )
 MODELS = ("musetalk", "latentsync")
 # The frames LatentSync generates at once (engines/latentsync/pipeline.py CHUNK).
@@ -136,7 +136,8 @@ def load_bench_engine(model: str, models: Path, *, device: str = "cpu", landmark
         from musetalk_worker.engine import load_engine
 
         return load_engine("latentsync", EngineConfig(models, device=device, landmarks=landmarks, fp16=fp16,
-                                                      versions=versions, acceleration=acceleration))
+                                                      versions=versions, acceleration=acceleration,
+                                                      cache_dir=cache_dir))
     from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
 
     return MuseTalkPipeline.from_models(models, device=device, fp16=fp16, landmarks=landmarks, cache_dir=cache_dir,
@@ -433,8 +434,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if (args.source is None) != (args.audio is None):
         parser.error("give both --source and --audio, or neither (synthetic media)")
     if args.model == "latentsync":
-        if args.repeat_with_cache:
-            parser.error("--repeat-with-cache is MuseTalk's: LatentSync has no avatar cache")
         if args.restore:
             parser.error("--restore measures MuseTalk's face restoration; run it without --model latentsync")
         # One configuration per dtype (and compile mode): LatentSync's chunk is fixed.

@@ -7,6 +7,10 @@ folder is saved under a key made of the source's SHA-256 and every option that
 changes the prepared data. The cache knows folders only; what is in them, and
 how to read it back, is the engine's. The folder may be a RunPod network volume shared by workers.
 
+Both engines keep their entries in the one folder; each entry names the
+engine that made it (``engine`` file; none: MuseTalk, which came first), so an
+id given to the other model is refused by name, never read as a broken entry.
+
 The key is also the avatar's id, which a later job may give instead of the
 source. It is an HMAC of that description under a random secret kept in the
 cache folder, so nobody can compute or guess an id without having been told
@@ -32,9 +36,11 @@ import secrets
 import shutil
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Callable, Mapping, Optional, TypeVar
 
+from .errors import ErrorCode, LipSyncError
 from .options import AVATAR_ID_PATTERN
 from .weights import file_sha256
 
@@ -42,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 _TEMP_PREFIX = ".incoming-"
 SECRET_FILE = ".secret"
+ENGINE_FILE = "engine"
 # Bump when what a store holds, or how it is computed, changes.
 _KEY_VERSION = 3
 _ID = re.compile(AVATAR_ID_PATTERN)
@@ -50,6 +57,14 @@ Entry = TypeVar("Entry")
 
 class CorruptEntryError(Exception):
     """An entry's files do not check out (an engine's reader raises it, or a subclass)."""
+
+
+class OtherEngineEntry(Exception):
+    """The entry was made by another engine (its name in ``engine``); it is left as it is."""
+
+    def __init__(self, engine: str):
+        super().__init__(engine)
+        self.engine = engine
 
 
 class AvatarCache:
@@ -66,16 +81,22 @@ class AvatarCache:
         described = json.dumps({"v": _KEY_VERSION, "source": file_sha256(source), **settings}, sort_keys=True)
         return hmac.new(self._secret, described.encode(), hashlib.sha256).hexdigest()[:40]
 
-    def open(self, key: str, read: Callable[[Path], Entry]) -> Optional[Entry]:
-        """``read(folder)`` of the entry ``key``, or None on a miss (or a malformed key).
+    def open(self, key: str, read: Callable[[Path], Entry], engine: str = "musetalk") -> Optional[Entry]:
+        """``read(folder)`` of ``engine``'s entry ``key``, or None on a miss (or a malformed key).
 
         An entry ``read`` finds corrupted (:class:`CorruptEntryError`) is removed, a miss.
+
+        Raises:
+            OtherEngineEntry: ``key`` is an entry of another engine.
         """
         if not _ID.fullmatch(key):
             return None
         folder = self.root / key
         if not folder.is_dir():
             return None
+        made_by = _engine_of(folder)
+        if made_by != engine:
+            raise OtherEngineEntry(made_by)
         try:
             entry = read(folder)
         except CorruptEntryError as error:
@@ -86,9 +107,11 @@ class AvatarCache:
         os.utime(folder)
         return entry
 
-    def new_entry(self) -> Path:
-        """A fresh temporary folder to prepare an entry in."""
-        return Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.root))
+    def new_entry(self, engine: str = "musetalk") -> Path:
+        """A fresh temporary folder to prepare an entry of ``engine`` in."""
+        folder = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.root))
+        (folder / ENGINE_FILE).write_text(engine)
+        return folder
 
     def commit(self, folder: Path, key: str) -> Path:
         """Moves a prepared entry into place (keeping an existing one) and evicts to the size bound."""
@@ -122,6 +145,59 @@ class AvatarCache:
             shutil.rmtree(folder, ignore_errors=True)
             total -= size
             logger.info("avatar cache: evicted %s (last used %s)", folder.name, time.ctime(used))
+
+
+def open_avatar(cache: Optional[AvatarCache], avatar_id: Optional[str], read: Callable[[Path], Entry],
+                engine: str) -> Entry:
+    """The prepared source a job names by ``avatar_id``, read by ``engine``'s ``read``.
+
+    Raises:
+        LipSyncError(invalid_input): no id, no cache, an id the cache does not
+            hold, or an avatar of the other model.
+    """
+    if avatar_id is None:
+        raise LipSyncError(ErrorCode.INVALID_INPUT, "give a 'source' (or the 'avatar_id' of a prepared one).",
+                           stage="validate")
+    if cache is None:
+        raise LipSyncError(
+            ErrorCode.INVALID_INPUT,
+            "'avatar_id' needs an avatar cache, and this worker has none (MUSETALK_AVATAR_CACHE_DIR); "
+            "send the 'source' instead.",
+            stage="validate",
+        )
+    try:
+        entry = cache.open(avatar_id, read, engine)
+    except OtherEngineEntry as other:
+        raise LipSyncError(
+            ErrorCode.INVALID_INPUT,
+            f"'avatar_id' {avatar_id!r} was prepared by model '{other.engine}', not '{engine}': send it with "
+            f"'model': '{other.engine}', or send the 'source' for model '{engine}'.",
+            stage="validate",
+        ) from None
+    if entry is None:
+        raise LipSyncError(
+            ErrorCode.INVALID_INPUT,
+            f"'avatar_id' {avatar_id!r} is not in the avatar cache: it is unknown, or was evicted to keep the "
+            "cache within its size. Send the 'source' again; the result carries its new avatar_id.",
+            stage="validate",
+        )
+    return entry
+
+
+def file_crc32(path: Path) -> int:
+    """The CRC-32 of a file, read in 16 MiB pieces (an entry's data check)."""
+    crc = 0
+    with open(path, "rb") as data:
+        while chunk := data.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _engine_of(folder: Path) -> str:
+    try:
+        return (folder / ENGINE_FILE).read_text().strip() or "musetalk"
+    except FileNotFoundError:
+        return "musetalk"  # entries from before there were two engines
 
 
 def _shared_secret(path: Path) -> bytes:

@@ -16,11 +16,29 @@ class FrameSpill:
     """
 
     def __init__(self, path: Path, height: int, width: int):
+        """Starts an empty file at ``path`` (replacing one there)."""
         self.path = Path(path)
         self.shape = (height, width, 3)
         self._bytes = height * width * 3
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self._count = 0
+
+    @classmethod
+    def open(cls, path: Path, height: int, width: int) -> "FrameSpill":
+        """The frames of a file written before (read only; an avatar cache entry's).
+
+        Raises:
+            OSError: the file is missing, or its size is not a whole number of frames.
+        """
+        spill = cls.__new__(cls)
+        spill.path, spill.shape, spill._bytes = Path(path), (height, width, 3), height * width * 3
+        spill._fd = os.open(spill.path, os.O_RDONLY)
+        size = os.fstat(spill._fd).st_size
+        if spill._bytes == 0 or size % spill._bytes:
+            spill.close(delete=False)
+            raise OSError(f"{path} holds {size} bytes, not whole {height}x{width} frames")
+        spill._count = size // spill._bytes
+        return spill
 
     def __len__(self) -> int:
         return self._count
@@ -35,9 +53,14 @@ class FrameSpill:
         data = os.pread(self._fd, self._bytes, index * self._bytes)
         return np.frombuffer(data, np.uint8).reshape(self.shape)
 
-    def close(self) -> None:
-        """Closes and deletes the file."""
+    def sync(self) -> None:
+        """Flushes the frames to the disk (before the file is kept)."""
+        os.fsync(self._fd)
+
+    def close(self, delete: bool = True) -> None:
+        """Closes the file, and deletes it unless ``delete`` is False."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self.path.unlink(missing_ok=True)
+        if delete:
+            self.path.unlink(missing_ok=True)

@@ -176,9 +176,6 @@ class JobInput(BaseModel):
         if self.model != "musetalk" and self.adapter is not None:
             raise Refusal(f"'adapter' works with model 'musetalk' only (LoRA adapters are fitted on MuseTalk's "
                           f"UNet); leave it out for model '{self.model}'.")
-        if self.model != "musetalk" and self.avatar_id is not None:
-            raise Refusal(f"'avatar_id' works with model 'musetalk' only; send the 'source' for model "
-                          f"'{self.model}'.")
         return self
 
     @model_validator(mode="after")

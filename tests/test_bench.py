@@ -176,15 +176,20 @@ def test_speed_measures_latentsync(latentsync_models, tmp_path, media_dir):
     done = subprocess.run(
         [sys.executable, "-m", "bench.speed", "--model", "latentsync", "--device", "cpu", "--dtypes", "fp32",
          "--width", "128", "--height", "128", "--seconds", "1", "--fps", "10", "--steps", "1", "--guidance", "1",
-         "--no-deepcache", "--threads", "1", "--json", str(out)],
+         "--no-deepcache", "--threads", "1", "--repeat-with-cache", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "## LatentSync engine speed" in done.stdout and "| fp32 1 steps g1 no DeepCache |" in done.stdout
+    assert "## LatentSync engine speed" in done.stdout
+    assert "| fp32 1 steps g1 no DeepCache (cache miss) | fp32 1 steps g1 no DeepCache (cache hit) |" in done.stdout
     assert str(latentsync_models.resolve()) in done.stdout
     (report,) = json.loads(out.read_text())["reports"]
-    (run,) = report["runs"]
-    assert run["frames"] == 25 and {"faces", "generate", "paste", "encode"} <= set(run["timings"])
+    miss, hit = report["runs"]
+    assert (miss["cache_hit"], hit["cache_hit"]) == (False, True)
+    assert miss["frames"] == hit["frames"] == 25
+    assert {"faces", "generate", "paste", "encode", "cache"} <= set(miss["timings"])
+    # The second job takes the aligned source from the cache: no face detection.
+    assert "faces" not in hit["timings"] and "generate" in hit["timings"]
 
 
 def test_memory_compares_two_latentsync_lengths(latentsync_models, tmp_path, media_dir):

@@ -71,12 +71,14 @@ def both_models(fixture_models, latentsync_models, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def clips(media_dir, tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("latentsync-clips")
-    c = {name: d / name for name in ("face30.mp4", "speech.wav", "long_speech.wav", "gap.mp4", "noface.mp4")}
+    c = {name: d / name for name in ("face30.mp4", "speech.wav", "long_speech.wav", "gap.mp4", "noface.mp4",
+                                     "short_speech.wav")}
     # 30 fps in, 25 fps out: the engine resamples as upstream's re-encode does.
     _ffmpeg("-i", str(media_dir / "yongen.mp4"), "-t", "0.5", "-an", "-r", "30", "-pix_fmt", "yuv420p",
             str(c["face30.mp4"]))
     _ffmpeg("-i", str(media_dir / "eng.wav"), "-t", "0.72", str(c["speech.wav"]))
     _ffmpeg("-i", str(media_dir / "eng.wav"), "-t", "1.3", str(c["long_speech.wav"]))
+    _ffmpeg("-i", str(media_dir / "eng.wav"), "-t", "0.2", str(c["short_speech.wav"]))
     _ffmpeg("-i", str(media_dir / "yongen.mp4"), "-t", "0.72", "-an", "-vf",
             "drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='between(n,2,5)'", "-pix_fmt", "yuv420p",
             "-crf", "12", str(c["gap.mp4"]))
@@ -355,3 +357,83 @@ def test_face_restoration_on_latentsync_faces(engine, clips, tmp_path, monkeypat
     # The face lies in the middle of the frame; nothing near its edges changes.
     assert rows.min() > 0.1 * plain.shape[1] and cols.min() > 0.1 * plain.shape[2]
     assert np.any(mouth != plain) and not np.any((mouth != plain).any(axis=3) & ~changed)
+
+
+# ----------------------------------------------------------------------------- avatars (the avatar cache)
+
+def test_the_avatar_cache_keeps_the_aligned_source_and_its_id_replays_it(engine, latentsync_models, clips,
+                                                                         tmp_path):
+    from musetalk_worker.avatar_cache import ENGINE_FILE
+    from musetalk_worker.engine import load_engine
+
+    cached = load_engine("latentsync", EngineConfig(latentsync_models, device="cpu", landmarks="dlib",
+                                                    cache_dir=tmp_path / "avatars"))
+    options = LatentSyncOptions(steps=1, guidance=1.0)
+    # 0.2 s of speech needs 5 of the source's frames; the entry keeps them all (the 18-frame jobs use them all).
+    first = cached(clips["face30.mp4"], clips["short_speech.wav"], tmp_path / "first.mp4", options)
+    again = cached(clips["face30.mp4"], clips["speech.wav"], tmp_path / "again.mp4", options)
+    by_id = cached(None, clips["speech.wav"], tmp_path / "by_id.mp4", options, avatar_id=first.avatar_id)
+    plain = engine(clips["face30.mp4"], clips["speech.wav"], tmp_path / "plain.mp4", options)
+
+    assert (first.cache_hit, again.cache_hit, by_id.cache_hit, plain.cache_hit) == (False, True, True, None)
+    assert len(first.avatar_id) == 40 and again.avatar_id == by_id.avatar_id == first.avatar_id
+    assert first.source_frames == again.source_frames == by_id.source_frames == plain.source_frames > 5
+    assert "faces" in first.timings and "faces" not in again.timings and "faces" not in by_id.timings
+    entry = tmp_path / "avatars" / first.avatar_id
+    assert (entry / ENGINE_FILE).read_text() == "latentsync"
+    # Frames and alignment from the entry make the same video as a source prepared in the job.
+    assert np.array_equal(_frames(tmp_path / "by_id.mp4"), _frames(tmp_path / "plain.mp4"))
+    assert np.array_equal(_frames(tmp_path / "again.mp4"), _frames(tmp_path / "plain.mp4"))
+    assert (by_id.width, by_id.height, by_id.frames) == (plain.width, plain.height, 18)
+
+
+def test_a_corrupted_entry_is_prepared_again_and_an_avatar_of_another_size_is_refused(latentsync_models, clips,
+                                                                                       tmp_path):
+    from musetalk_worker.engine import load_engine
+    from musetalk_worker.engines.latentsync.source import FRAMES_FILE, INDEX_FILE
+
+    cached = load_engine("latentsync", EngineConfig(latentsync_models, device="cpu", landmarks="dlib",
+                                                    cache_dir=tmp_path / "avatars"))
+    options = LatentSyncOptions(steps=1, guidance=1.0)
+    made = cached(clips["face30.mp4"], clips["short_speech.wav"], tmp_path / "a.mp4", options)
+    entry = tmp_path / "avatars" / made.avatar_id
+    with (entry / FRAMES_FILE).open("r+b") as frames:
+        frames.seek(100)
+        frames.write(b"\xff\x00\xff")
+    again = cached(clips["face30.mp4"], clips["short_speech.wav"], tmp_path / "b.mp4", options)
+    assert (again.cache_hit, again.avatar_id) == (False, made.avatar_id)
+
+    index = json.loads((entry / INDEX_FILE).read_text())
+    index["meta"] = {"resolution": 256, "version": "1.5"}  # as LatentSync 1.5 would have prepared it
+    (entry / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(LipSyncError) as other_size:
+        cached(None, clips["short_speech.wav"], tmp_path / "c.mp4", options, avatar_id=made.avatar_id)
+    assert other_size.value.code is ErrorCode.INVALID_INPUT
+    assert "was prepared with LatentSync 1.5 (256-pixel faces); 'version' 1.6 works at 64" in str(other_size.value)
+    assert entry.is_dir()
+
+
+def test_avatar_ids_through_the_worker_and_across_the_two_models(both_models, clips, tmp_path):
+    settings = WorkerSettings(models_dir=both_models, device="cpu", landmarks="dlib", weights_lock=None,
+                              temp_dir=tmp_path / "scratch", output_dir=tmp_path / "out",
+                              local_input_dir=clips["speech.wav"].parent, avatar_cache_dir=tmp_path / "avatars")
+    worker = Worker.start(settings)
+    assert worker.load_error is None
+    latentsync = worker.run(_local_job(clips, model="latentsync", steps=1), "ls-made")
+    musetalk = worker.run(_local_job(clips), "mt-made")
+    assert "error" not in latentsync and "error" not in musetalk, (latentsync, musetalk)
+    replayed = worker.run({"avatar_id": latentsync["avatar_id"], "audio": "speech.wav", "model": "latentsync",
+                           "steps": 1}, "ls-again")
+    assert "error" not in replayed, replayed
+    assert replayed["avatar_cache_hit"] is True and replayed["frames"] == 18
+
+    crossed = [worker.run({"avatar_id": latentsync["avatar_id"], "audio": "speech.wav"}, "mt-crossed"),
+               worker.run({"avatar_id": musetalk["avatar_id"], "audio": "speech.wav", "model": "latentsync"},
+                          "ls-crossed")]
+    assert [c.get("error_code") for c in crossed] == ["invalid_input", "invalid_input"], crossed
+    assert "was prepared by model 'latentsync', not 'musetalk'" in crossed[0]["error"]
+    assert "was prepared by model 'musetalk', not 'latentsync'" in crossed[1]["error"]
+    # A refused id leaves the other model's entry as it was.
+    assert {p.name for p in (tmp_path / "avatars").iterdir() if not p.name.startswith(".")} == {
+        latentsync["avatar_id"], musetalk["avatar_id"]}
+    assert list((tmp_path / "scratch").iterdir()) == []

@@ -5,10 +5,12 @@ stays flat whatever the length:
 
 1. **Audio**: whisper features of the whole speech (small); the output has as
    many 25 fps frames as the audio lasts.
-2. **Source**: frames decoded at 25 fps as the chunks need them, each fitted
-   to the face template once, in order (the alignment smooths over frames),
-   and spilled to a scratch file; the output runs forwards, then backwards
-   over them until the audio ends.
+2. **Source** (:mod:`.source`): frames decoded at 25 fps as the chunks need
+   them, each fitted to the face template once, in order (the alignment
+   smooths over frames), and spilled to a file; the output runs forwards, then
+   backwards over them until the audio ends. With an avatar cache the whole
+   source is prepared and kept: a later job with the same source (or its
+   ``avatar_id``) decodes and detects nothing.
 3. **Per chunk**: warp and resize the faces, denoise them (DDIM, guidance,
    DeepCache), paste the mouth, warp back into the frames (``paste``), with
    ``restore`` run GFPGAN on the new faces, encode. Frames without a face pass
@@ -17,36 +19,37 @@ stays flat whatever the length:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
-from fractions import Fraction
 from pathlib import Path
-from typing import Dict, Generator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from ...decode import MediaInfo, iter_video_frames, load_audio, probe_inputs, read_image
+from ...avatar_cache import AvatarCache, open_avatar
+from ...decode import MediaInfo, load_audio, probe_inputs
 from ...device import half_dtype, resolve_device, warm_up_pays
 from ...encode import HlsOutput, VideoEncoder, choose_video_codec
 from ...engine import LipSyncResult, Progress
 from ...errors import ErrorCode, LipSyncError
 from ...faces import FaceAnalyzer, load_face_analyzer
-from ...frame_spill import FrameSpill
 from ...options import Acceleration, EngineConfig, LatentSyncOptions
-from ...restoration.align import SMOOTH_RADIUS, AlignmentTrack, context_window, five_points
+from ...restoration.align import SMOOTH_RADIUS, context_window
 from ...restoration.network import FaceRestorer, installed_restorer, missing_weights
 from ...restoration.warp import Placement, mix_restored, restore_regions
 from ...timing import StageTimer
-from .align import FaceAligner, FaceGeometry, points_from_68, resize_faces, warp_faces
+from .align import FaceAligner, FaceGeometry, resize_faces, warp_faces
 from .audio import AudioFeatures, audio_frame_count
 from .denoise import ChunkDenoiser, DenoiseSettings
 from .models import UNET_CHECKPOINT, LatentSyncModels
 from .restore import restore_frames
+from .source import FPS, AlignedSource
 
 logger = logging.getLogger(__name__)
 
-FPS = Fraction(25)
+ENGINE = "latentsync"  # its avatar cache entries' engine
 CHUNK = 16  # frames per UNet call, as trained (the motion modules attend across them)
 # The face size each version was trained at.
 RESOLUTIONS = {"1.6": 512, "1.5": 256}
@@ -57,14 +60,15 @@ class LatentSyncPipeline:
 
     Each version's models load at its first job (or at start, with
     ``EngineConfig.versions``) and stay loaded, in float32 and, once a job asks
-    for ``fp16``, in half precision too.
+    for ``fp16``, in half precision too. ``cache``: the avatar cache, or None.
     """
 
     def __init__(self, models_dir: Path, device: torch.device, faces: FaceAnalyzer,
                  acceleration: Acceleration = Acceleration(), video_codec: str = "libx264",
-                 restorer: Optional[FaceRestorer] = None):
+                 restorer: Optional[FaceRestorer] = None, cache: Optional[AvatarCache] = None):
         self.models_dir = Path(models_dir)
         self.restorer = restorer
+        self.cache = cache
         self.device = device
         self.faces = faces
         self.acceleration = acceleration
@@ -77,8 +81,9 @@ class LatentSyncPipeline:
         device = resolve_device(config.device)
         restorer = installed_restorer(config.models_dir, device, config.acceleration.restore_dtype,
                                       config.acceleration.restore_batch)
+        cache = AvatarCache(config.cache_dir, config.cache_max_bytes) if config.cache_dir is not None else None
         pipe = cls(config.models_dir, device, load_face_analyzer(config.landmarks, config.models_dir, device),
-                   config.acceleration, choose_video_codec(config.video_encoder), restorer)
+                   config.acceleration, choose_video_codec(config.video_encoder), restorer, cache)
         for version in config.versions:
             pipe.models(version, pipe._dtype(bool(config.fp16)))
         return pipe
@@ -143,16 +148,17 @@ class LatentSyncPipeline:
     ) -> LipSyncResult:
         """Makes ``output`` (mp4, 25 fps, as long as ``audio``): the source's face speaking ``audio``.
 
+        Without ``source``, ``avatar_id`` (a result's ``avatar_id``) takes the
+        prepared source from the avatar cache.
+
         Raises:
             LipSyncError: bad media, no face in any frame, a version this image lacks, an ``adapter``
-                (LoRA adapters are MuseTalk's).
+                (LoRA adapters are MuseTalk's), an ``avatar_id`` the cache does not hold, or one prepared
+                by MuseTalk or for another face size.
         """
         if adapter is not None:
             raise LipSyncError(ErrorCode.INVALID_INPUT, "'adapter' works with model 'musetalk' only: LoRA adapters "
                                "are fitted on MuseTalk's UNet. Leave it out for model 'latentsync'.", stage="validate")
-        if avatar_id is not None or source is None:
-            raise LipSyncError(ErrorCode.INVALID_INPUT, "LatentSync needs the 'source' (avatar ids are MuseTalk's).",
-                               stage="validate")
         if options.restore and self.restorer is None:
             raise missing_weights(self.models_dir)
         report = progress or (lambda stage, done, total: None)
@@ -173,9 +179,10 @@ class LatentSyncPipeline:
         settings = DenoiseSettings(steps=options.steps, guidance=options.guidance, deepcache=options.deepcache)
         denoiser = ChunkDenoiser(models, settings, torch.Generator().manual_seed(options.seed))
 
+        avatar = None if source_info is not None else self._avatar(avatar_id, models.resolution, options.version)
         with tempfile.TemporaryDirectory(prefix="latentsync-", dir=workdir) as scratch, \
-                _AlignedSource(source_info, self.faces, FaceAligner(geometry), Path(scratch), timer) as frames, \
-                VideoEncoder(Path(output), source_info.width, source_info.height, FPS, audio_info.path,
+                self._source(source_info, avatar, geometry, options.version, Path(scratch), timer) as (frames, key), \
+                VideoEncoder(Path(output), frames.width, frames.height, FPS, audio_info.path,
                              options.crf, self.video_codec, hls=hls) as encoder:
             report("generate", 0, total)
             for start in range(0, total, CHUNK):
@@ -193,12 +200,81 @@ class LatentSyncPipeline:
         report("encode", 1, 1)
         return LipSyncResult(
             path=Path(output), frames=total, fps=float(FPS), fps_fraction=f"{FPS.numerator}/{FPS.denominator}",
-            duration_s=round(len(samples) / 16000, 3), width=source_info.width, height=source_info.height,
+            duration_s=round(len(samples) / 16000, 3), width=frames.width, height=frames.height,
             source_frames=len(frames), frames_without_face=len(frames) - frames.faces, timings=timer.totals(),
             model="latentsync", version=options.version,
+            cache_hit=None if self.cache is None else frames.from_cache, avatar_id=key,
         )
 
-    def _chunk(self, frames: "_AlignedSource", features: AudioFeatures, denoiser: ChunkDenoiser,
+    def _avatar(self, avatar_id: Optional[str], resolution: int, version: str) -> AlignedSource:
+        """The source prepared as ``avatar_id``, aligned for faces of ``resolution`` pixels.
+
+        Raises:
+            LipSyncError(invalid_input): see :func:`open_avatar`; or the avatar's faces are of another size.
+        """
+        avatar = open_avatar(self.cache, avatar_id, AlignedSource.open, ENGINE)
+        if avatar.meta.get("resolution") != resolution:
+            avatar.close(delete=False)
+            made = avatar.meta.get("version")
+            raise LipSyncError(
+                ErrorCode.INVALID_INPUT,
+                f"'avatar_id' {avatar_id!r} was prepared with LatentSync {made} "
+                f"({avatar.meta.get('resolution')}-pixel faces); 'version' {version} works at {resolution}. Send "
+                f"'version': '{made}', or the 'source' to prepare it for {version}.",
+                stage="validate",
+            )
+        return avatar
+
+    @contextlib.contextmanager
+    def _source(self, info: Optional[MediaInfo], avatar: Optional[AlignedSource], geometry: FaceGeometry,
+                version: str, scratch: Path, timer: StageTimer) -> Iterator[Tuple[AlignedSource, Optional[str]]]:
+        """The job's aligned source and its avatar id (None without a cache).
+
+        ``avatar`` is an opened cache entry (a job given an avatar id); else the
+        source is looked up in the cache, and on a miss prepared as the chunks
+        ask. With a cache the rest of the source is prepared once the block
+        ends without an error, and the entry kept.
+        """
+        if self.cache is None:
+            frames = AlignedSource.prepare(info, self.faces, FaceAligner(geometry), scratch, timer)
+            try:
+                yield frames, None
+            finally:
+                frames.close()
+            return
+        if avatar is None:
+            with timer("cache"):
+                key = self.cache.key(info.path, self._preparation_settings(geometry))
+                avatar = self.cache.open(key, AlignedSource.open, ENGINE)
+        if avatar is not None:
+            try:
+                yield avatar, avatar.folder.name
+            finally:
+                avatar.close(delete=False)
+            return
+        folder = self.cache.new_entry(ENGINE)
+        frames = AlignedSource.prepare(info, self.faces, FaceAligner(geometry), folder, timer)
+        # What a job given this avatar's id needs to know of how it was prepared.
+        frames.meta = {"resolution": geometry.resolution, "version": version}
+        try:
+            yield frames, key
+            frames.finish()
+            with timer("cache"):
+                frames.save()
+        except BaseException:
+            frames.close()
+            self.cache.discard(folder)
+            raise
+        frames.close(delete=False)
+        with timer("cache"):
+            self.cache.commit(folder, key)
+
+    def _preparation_settings(self, geometry: FaceGeometry) -> Dict[str, object]:
+        """Everything besides the source's bytes that changes a prepared source."""
+        return {"engine": ENGINE, "faces": self.faces.name, "resolution": geometry.resolution,
+                "device": self.device.type}
+
+    def _chunk(self, frames: AlignedSource, features: AudioFeatures, denoiser: ChunkDenoiser,
                geometry: FaceGeometry, start: int, stop: int, options: LatentSyncOptions,
                timer: StageTimer) -> List[np.ndarray]:
         """Output frames ``start:stop`` (RGB): faces warped, denoised, pasted, warped back and restored."""
@@ -228,7 +304,7 @@ class LatentSyncPipeline:
         return pictures
 
     def _restore_faces(self, restored: np.ndarray, sources: List[int], box: Tuple[int, int, int, int],
-                       frames: "_AlignedSource", options: LatentSyncOptions) -> np.ndarray:
+                       frames: AlignedSource, options: LatentSyncOptions) -> np.ndarray:
         """GFPGAN on the new faces (RGB frames, B x H x W x 3) inside ``box``, the region the paste changed.
 
         Each face is aligned to GFPGAN's template by its source frame's smoothed five points; the restored
@@ -264,81 +340,3 @@ class LatentSyncPipeline:
 def _resolution(folder: Path, version: str) -> Optional[int]:
     """A model folder's own yaml says its resolution; the built-in architecture is trained at the version's."""
     return None if any((folder / "configs" / "unet").glob("*.yaml")) else RESOLUTIONS[version]
-
-
-class _AlignedSource:
-    """The source's 25 fps frames (RGB) with their alignment, prepared in order as output frames need them.
-
-    Frames go to a scratch file; only their matrices (24 bytes each) stay in
-    memory. Output frame ``i`` is source frame ``i`` until the source is used
-    up, then the output runs backwards and forwards over it (ping-pong).
-    """
-
-    BATCH = 8  # frames per face-detector call
-
-    def __init__(self, info: MediaInfo, faces: FaceAnalyzer, aligner: FaceAligner, scratch: Path, timer: StageTimer):
-        self._faces, self._aligner, self._timer = faces, aligner, timer
-        self._frames = FrameSpill(scratch / "frames.bin", info.height, info.width)
-        self._matrices: List[Optional[torch.Tensor]] = []
-        # GFPGAN's five points per frame (None without a face), and their smoothed alignment.
-        self._points: List[Optional[np.ndarray]] = []
-        self.track = AlignmentTrack(lambda i: self._points[i], lambda: len(self))
-        # Generators both, so an early end can close the decoder.
-        decoded = iter_video_frames(info, fps=FPS) if info.kind == "video" else (f for f in [read_image(info.path)])
-        self._decoded: Optional[Generator[np.ndarray, None, None]] = decoded
-        self.faces = 0
-
-    def __enter__(self) -> "_AlignedSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._decoded is not None:
-            self._decoded.close()
-        self._frames.close()
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self._frames[index]
-
-    def matrix(self, index: int) -> Optional[torch.Tensor]:
-        """Source frame ``index``'s (2, 3) alignment matrix, or None when it has no face."""
-        return self._matrices[index]
-
-    def ensure(self, index: int) -> None:
-        """Prepares source frames up to ``index`` (or the source's end)."""
-        while self._decoded is not None and len(self) <= index:
-            self._prepare_batch()
-
-    def output_source(self, index: int) -> int:
-        """The source frame of output frame ``index``, preparing source frames up to it when needed."""
-        self.ensure(index)
-        if len(self) == 0:
-            raise LipSyncError(ErrorCode.UNSUPPORTED_MEDIA, "the source video has no frames to decode.",
-                               stage="decode")
-        count = len(self)
-        if self._decoded is not None or index < count:
-            return index
-        k = index % (2 * count)
-        return k if k < count else 2 * count - 1 - k
-
-    def _prepare_batch(self) -> None:
-        with self._timer("decode"):
-            batch = [frame for _, frame in zip(range(self.BATCH), self._decoded)]
-        if len(batch) < self.BATCH:
-            self._decoded.close()
-            self._decoded = None
-        if not batch:
-            return
-        with self._timer("faces"):
-            detections = self._faces.detect(batch)
-        for frame, detection in zip(batch, detections):
-            index = self._frames.append(frame[..., ::-1])
-            if detection is None:
-                self._matrices.append(None)
-                self._points.append(None)
-                continue
-            self._matrices.append(self._aligner.fit(points_from_68(detection.landmarks), index))
-            self._points.append(five_points(detection.landmarks))
-            self.faces += 1

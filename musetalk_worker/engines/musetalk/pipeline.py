@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import torch
 
-from ...avatar_cache import AvatarCache
+from ...avatar_cache import AvatarCache, open_avatar
 from ...decode import MediaInfo, load_audio, probe_inputs
 from ...device import half_dtype, resolve_device, usable_cpus, warm_up_pays
 from ...encode import HlsOutput, VideoEncoder, choose_video_codec
@@ -264,30 +264,8 @@ class MuseTalkPipeline:
         )
 
     def _avatar(self, avatar_id: Optional[str]) -> SourceStore:
-        """The prepared source saved as ``avatar_id``.
-
-        Raises:
-            LipSyncError(invalid_input): no id, no cache, or an id the cache does not hold.
-        """
-        if avatar_id is None:
-            raise LipSyncError(ErrorCode.INVALID_INPUT, "give a 'source' (or the 'avatar_id' of a prepared one).",
-                               stage="validate")
-        if self.cache is None:
-            raise LipSyncError(
-                ErrorCode.INVALID_INPUT,
-                "'avatar_id' needs an avatar cache, and this worker has none (MUSETALK_AVATAR_CACHE_DIR); "
-                "send the 'source' instead.",
-                stage="validate",
-            )
-        store = self.cache.open(avatar_id, SourceStore.open)
-        if store is None:
-            raise LipSyncError(
-                ErrorCode.INVALID_INPUT,
-                f"'avatar_id' {avatar_id!r} is not in the avatar cache: it is unknown, or was evicted to keep the "
-                "cache within its size. Send the 'source' again; the result carries its new avatar_id.",
-                stage="validate",
-            )
-        return store
+        """The prepared source saved as ``avatar_id`` (:func:`open_avatar` says what it refuses)."""
+        return open_avatar(self.cache, avatar_id, SourceStore.open, "musetalk")
 
     @contextlib.contextmanager
     def _source(

@@ -16,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ...avatar_cache import CorruptEntryError
+from ...avatar_cache import CorruptEntryError, file_crc32
 from .boxes import Box
 from .masks import BlendMask
 
@@ -170,14 +169,7 @@ class SourceStore:
             (self.folder / DATA_FILE).unlink(missing_ok=True)
 
     def _crc32(self) -> int:
-        crc, offset = 0, 0
-        while offset < self._size:
-            chunk = os.pread(self._fd, min(16 << 20, self._size - offset), offset)
-            if not chunk:
-                break
-            crc = zlib.crc32(chunk, crc)
-            offset += len(chunk)
-        return crc
+        return file_crc32(self.folder / DATA_FILE)
 
     def _append(self, data: bytes) -> int:
         offset = self._size
