@@ -26,6 +26,7 @@ it, not even from the source's bytes (160 bits).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -38,7 +39,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Callable, Mapping, Optional, TypeVar
+from typing import Callable, Iterator, Mapping, Optional, TypeVar
 
 from .errors import ErrorCode, LipSyncError
 from .options import AVATAR_ID_PATTERN
@@ -107,11 +108,18 @@ class AvatarCache:
         os.utime(folder)
         return entry
 
-    def new_entry(self, engine: str = "musetalk") -> Path:
-        """A fresh temporary folder to prepare an entry of ``engine`` in."""
+    @contextlib.contextmanager
+    def making(self, key: str, engine: str) -> Iterator[Path]:
+        """A fresh folder to prepare ``engine``'s entry ``key`` in: moved into place (:meth:`commit`) when the
+        block ends without an error, removed when it raises."""
         folder = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.root))
-        (folder / ENGINE_FILE).write_text(engine)
-        return folder
+        try:
+            (folder / ENGINE_FILE).write_text(engine)
+            yield folder
+        except BaseException:
+            self.discard(folder)
+            raise
+        self.commit(folder, key)
 
     def commit(self, folder: Path, key: str) -> Path:
         """Moves a prepared entry into place (keeping an existing one) and evicts to the size bound."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from musetalk_worker import MuseTalkOptions
-from musetalk_worker.avatar_cache import AvatarCache
+from musetalk_worker.avatar_cache import ENGINE_FILE, SECRET_FILE, AvatarCache, OtherEngineEntry
 from musetalk_worker.engines.musetalk.masks import BlendMask
 from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
 from musetalk_worker.engines.musetalk.store import DATA_FILE, CorruptStoreError, SourceStore
@@ -76,35 +76,60 @@ def test_the_cache_evicts_least_recently_used_entries(tmp_path):
     cache = AvatarCache(tmp_path / "cache", max_bytes=1)  # bound set below, once an entry's size is known
     keys = []
     for n in range(3):
-        folder = cache.new_entry()
-        store = _store_with_frames(folder, 4, seed=n)
-        store.save_index()
-        store.close(delete=False)
-        entry_bytes = entry_bytes or sum(f.stat().st_size for f in folder.iterdir())
-        cache.max_bytes = 2 * entry_bytes + 10
         keys.append(_key(n))
-        if n == 1:
-            # Use entry 0 again, so entry 1 is now the least recently used.
-            time.sleep(0.01)
-            assert cache.open(keys[0], SourceStore.open) is not None
-            time.sleep(0.01)
-        cache.commit(folder, keys[-1])
+        with cache.making(keys[-1], "musetalk") as folder:
+            store = _store_with_frames(folder, 4, seed=n)
+            store.save_index()
+            store.close(delete=False)
+            entry_bytes = entry_bytes or sum(f.stat().st_size for f in folder.iterdir())
+            cache.max_bytes = 2 * entry_bytes + 10
+            if n == 1:
+                # Use entry 0 again, so entry 1 is now the least recently used.
+                time.sleep(0.01)
+                assert cache.open(keys[0], SourceStore.open) is not None
+                time.sleep(0.01)
     present = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())
     assert present == [keys[0], keys[2]]
 
 
 def test_a_corrupted_entry_is_a_miss_and_removed(tmp_path):
     cache = AvatarCache(tmp_path, max_bytes=10**9)
-    folder = cache.new_entry()
-    store = _store_with_frames(folder, 2)
-    store.save_index()
-    store.close(delete=False)
-    cache.commit(folder, _key(7))
+    with cache.making(_key(7), "musetalk") as folder:
+        store = _store_with_frames(folder, 2)
+        store.save_index()
+        store.close(delete=False)
     with open(tmp_path / _key(7) / DATA_FILE, "r+b") as f:
         f.seek(10)
         f.write(b"\x00\x01\x02")
     assert cache.open(_key(7), SourceStore.open) is None
     assert not (tmp_path / _key(7)).exists()
+
+
+def test_an_entry_made_in_a_failing_block_is_not_kept_and_ids_keep_to_their_engine(tmp_path):
+    cache = AvatarCache(tmp_path, max_bytes=10**9)
+    with pytest.raises(RuntimeError, match="preparation failed"), cache.making(_key(1), "latentsync") as folder:
+        (folder / "frames.bin").write_bytes(b"half")
+        raise RuntimeError("preparation failed")
+    assert [p.name for p in tmp_path.iterdir() if p.name != SECRET_FILE] == []
+
+    with cache.making(_key(2), "latentsync") as folder:
+        (folder / "frames.bin").write_bytes(b"done")
+    with cache.making(_key(3), "musetalk") as folder:
+        store = _store_with_frames(folder, 2)
+        store.save_index()
+        store.close(delete=False)
+    (tmp_path / _key(3) / ENGINE_FILE).unlink()  # as entries made before there were two engines
+    with pytest.raises(OtherEngineEntry) as other:
+        cache.open(_key(2), SourceStore.open)
+    assert other.value.engine == "latentsync"
+    with pytest.raises(OtherEngineEntry) as unmarked:
+        cache.open(_key(3), SourceStore.open, engine="latentsync")
+    assert unmarked.value.engine == "musetalk"
+    # Refused, not read: neither entry is taken for a corrupted one and removed.
+    assert (tmp_path / _key(2) / "frames.bin").read_bytes() == b"done"
+    opened = cache.open(_key(3), SourceStore.open)
+    assert opened is not None and len(opened) == 2
+    opened.close(delete=False)
 
 
 def _frames(path) -> bytes:

@@ -252,22 +252,17 @@ class LatentSyncPipeline:
             finally:
                 avatar.close(delete=False)
             return
-        folder = self.cache.new_entry(ENGINE)
-        frames = AlignedSource.prepare(info, self.faces, FaceAligner(geometry), folder, timer)
-        # What a job given this avatar's id needs to know of how it was prepared.
-        frames.meta = {"resolution": geometry.resolution, "version": version}
-        try:
-            yield frames, key
-            frames.finish()
-            with timer("cache"):
-                frames.save()
-        except BaseException:
-            frames.close()
-            self.cache.discard(folder)
-            raise
-        frames.close(delete=False)
-        with timer("cache"):
-            self.cache.commit(folder, key)
+        with self.cache.making(key, ENGINE) as folder:
+            frames = AlignedSource.prepare(info, self.faces, FaceAligner(geometry), folder, timer)
+            # What a job given this avatar's id needs to know of how it was prepared.
+            frames.meta = {"resolution": geometry.resolution, "version": version}
+            try:
+                yield frames, key
+                frames.finish()
+                with timer("cache"):
+                    frames.save()
+            finally:
+                frames.close(delete=False)
 
     def _preparation_settings(self, geometry: FaceGeometry) -> Dict[str, object]:
         """Everything besides the source's bytes that changes a prepared source."""

@@ -308,23 +308,18 @@ class MuseTalkPipeline:
             finally:
                 avatar.close(delete=False)
             return
-        folder = self.cache.new_entry()
-        store = SourceStore(folder, info.height, info.width)
-        # What a job given this avatar's id needs to know of the source it no longer sends.
-        store.meta = {"kind": info.kind, "fps": str(info.fps)}
-        try:
-            with self._preparation(info, options, generator, store, None, timer, report) as preparation:
-                yield preparation, key
-                preparation.finish()
-            with timer("cache"):
-                store.save_index()
-        except BaseException:
-            store.close()
-            self.cache.discard(folder)
-            raise
-        store.close(delete=False)
-        with timer("cache"):
-            self.cache.commit(folder, key)
+        with self.cache.making(key, "musetalk") as folder:
+            store = SourceStore(folder, info.height, info.width)
+            # What a job given this avatar's id needs to know of the source it no longer sends.
+            store.meta = {"kind": info.kind, "fps": str(info.fps)}
+            try:
+                with self._preparation(info, options, generator, store, None, timer, report) as preparation:
+                    yield preparation, key
+                    preparation.finish()
+                with timer("cache"):
+                    store.save_index()
+            finally:
+                store.close(delete=False)
 
     def _preparation(self, info: MediaInfo, options: MuseTalkOptions, generator: FaceGenerator, store: SourceStore,
                      limit: Optional[int], timer: StageTimer, report: Progress) -> Preparation:
