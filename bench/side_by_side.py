@@ -219,11 +219,42 @@ def _add_detector_weights(run_dir: Path) -> None:
     aux.mkdir(parents=True, exist_ok=True)
     random_models._write_s3fd(aux, 0)
     random_models._write_dwpose(aux, 0)
+    portable = _portable_checkpoint(aux / DWPOSE_WEIGHTS)
     (run_dir / "models" / "dwpose").mkdir(exist_ok=True)
-    (run_dir / "models" / "dwpose" / DWPOSE_WEIGHTS.name).symlink_to(aux / DWPOSE_WEIGHTS)
+    (run_dir / "models" / "dwpose" / DWPOSE_WEIGHTS.name).symlink_to(portable)
     sfd = run_dir / "musetalk" / "utils" / "face_detection" / "detection" / "sfd"
     if sfd.is_dir():
         (sfd / "s3fd.pth").symlink_to(aux / S3FD_WEIGHTS)
+
+
+def _portable_checkpoint(path: Path) -> Path:
+    """A copy of a checkpoint beside it whose metadata holds lists where it held numpy arrays (made once).
+
+    DWPose's keypoint metadata is pickled numpy; written under numpy 2 it names ``numpy._core``, which
+    upstream's own pins (numpy 1.23) cannot unpickle. The weights are the same tensors.
+    """
+    import numpy as np
+    import torch
+
+    target = path.with_name(f"{path.stem}.portable{path.suffix}")
+    if target.exists():
+        return target
+
+    def plain(value):
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(plain(v) for v in value)
+        return value
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["meta"] = plain(checkpoint.get("meta", {}))
+    draft = target.with_name(target.name + ".part")
+    torch.save(checkpoint, draft)
+    draft.rename(target)
+    return target
 
 
 def upstream_argv(python: str, batch_size: int) -> List[str]:

@@ -255,3 +255,20 @@ def test_main_times_an_idle_machine_unmarked(stubbed_main, monkeypatch, tmp_path
     monkeypatch.setattr(side_by_side, "busy_cores", lambda s: 0.05)
     assert side_by_side.main(["--upstream", str(tmp_path), "--runs", "1", "--idle-sample", "0"]) == 0
     assert "TAKEN UNDER LOAD" not in capsys.readouterr().out
+
+
+def test_a_portable_checkpoint_keeps_the_tensors_and_drops_numpy_from_its_metadata(tmp_path):
+    """Upstream's pins (numpy 1.23) cannot unpickle numpy 2 arrays; the copy holds lists in their place."""
+    import numpy as np
+    import torch
+
+    original = tmp_path / "pose.pth"
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch.save({"state_dict": weights, "meta": {"dataset_meta": {"sigmas": np.array([0.5, 0.25]),
+                                                                 "pairs": [(0, 1)], "name": "coco"}}}, original)
+    portable = side_by_side._portable_checkpoint(original)
+    assert portable != original and side_by_side._portable_checkpoint(original) == portable
+    # Loadable without unpickling any numpy object.
+    loaded = torch.load(portable, weights_only=True)
+    assert torch.equal(loaded["state_dict"]["w"], weights["w"])
+    assert loaded["meta"]["dataset_meta"] == {"sigmas": [0.5, 0.25], "pairs": [(0, 1)], "name": "coco"}
