@@ -22,6 +22,8 @@ from ..schema import MODEL_VERSIONS, JobInput
 
 # The uploads (``adapter``, a LoRA's adapter.safetensors, is optional); every other form field is a job option.
 FILE_FIELDS = ("source", "audio", "adapter")
+# Uploads whose SHA-256 the job takes (hashed as they arrive; the media are not hashed).
+HASHED_FILES = ("adapter",)
 # Job keys a form may not set: the video comes back in the response, never to a bucket.
 REFUSED_FIELDS = ("output",)
 

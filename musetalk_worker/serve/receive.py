@@ -21,7 +21,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..errors import ErrorCode
 from .errors import TOO_LARGE, ServeError
-from .fields import FILE_FIELDS
+from .fields import FILE_FIELDS, HASHED_FILES
 
 # Kept from an upload's file name (ffprobe reads the content, the suffix only helps people reading logs).
 _SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
@@ -49,7 +49,8 @@ class UploadLimits:
 
 @dataclasses.dataclass
 class ReceivedForm:
-    """The text fields as sent, the path each file part was written to, and each file's SHA-256."""
+    """The text fields as sent, the path each file part was written to, and the SHA-256 of each of
+    :data:`HASHED_FILES` received."""
 
     fields: Dict[str, str]
     files: Dict[str, Path]
@@ -65,8 +66,8 @@ class _Part:
     file: Optional[BinaryIO] = None
     path: Optional[Path] = None
     size: int = 0
-    # Hashed as it arrives: the event loop never has to read a whole file back for its SHA-256.
-    digest: Any = dataclasses.field(default_factory=hashlib.sha256)
+    # One of HASHED_FILES is hashed as it arrives: the event loop never reads a whole file back for it.
+    digest: Optional[Any] = None
 
 
 class _Receiver:
@@ -117,6 +118,7 @@ class _Receiver:
                                 "job option is a text field.")
             suffix = Path(params[b"filename"].decode("utf-8", "replace")).suffix
             part.path = self.folder / f"{part.name}{suffix.lower() if _SUFFIX.match(suffix) else ''}"
+            part.digest = hashlib.sha256() if part.name in HASHED_FILES else None
             part.file = open(part.path, "wb")  # noqa: SIM115 - closed at the part's end or in close()
             self._opened.append(part.file)
         elif len(self.form.fields) >= self.limits.fields:
@@ -130,7 +132,8 @@ class _Receiver:
                 self._refuse_file(part)
             elif part.file is not None:
                 part.file.write(data[start:end])
-                part.digest.update(data[start:end])
+                if part.digest is not None:
+                    part.digest.update(data[start:end])
         elif part.size > self.limits.field_bytes:
             raise ServeError(TOO_LARGE, f"the form field '{part.name}' is over {self.limits.field_bytes} bytes.",
                              stage="upload")
@@ -157,7 +160,8 @@ class _Receiver:
         elif part.file is not None:
             part.file.close()
             self.form.files[part.name] = part.path
-            self.form.sha256[part.name] = part.digest.hexdigest()
+            if part.digest is not None:
+                self.form.sha256[part.name] = part.digest.hexdigest()
 
     def close(self) -> None:
         for file in self._opened:
