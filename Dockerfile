@@ -112,13 +112,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1
-# glibc's mmap threshold held at its start value (128 KiB). Left to move, it rises after the
-# first large free and freed batch buffers stay in the heap: after a 60 s job the worker kept
-# 455 MiB more than before it. Held, large buffers return to the system when freed: 37 MiB
-# more (live: malloc_trim frees 3 MiB of it) and a 461 MiB lower peak; jemalloc did no better.
-# Figures: bench/README.md (Memory after a job), `python -m bench.memory --after-job`.
-# Set after the installs, so that only the worker (and its ffmpeg children) run with it.
-ENV MALLOC_MMAP_THRESHOLD_=131072
+# No malloc variables: the worker sets malloc itself (musetalk_worker/allocator.py). It keeps freed
+# memory during a job, as the networks free and take back tens of MiB per image (the
+# MALLOC_MMAP_THRESHOLD_=131072 this image set before doubled the CPU networks' time in page
+# faults), and hands it back after each job (bench/README.md, "Keeping freed memory").
 COPY weights.lock.json ./
 COPY builder/ builder/
 COPY musetalk_worker/ musetalk_worker/

@@ -17,6 +17,11 @@ Beside the times, each network's arithmetic per image (counted by
 ``torch.utils.flop_counter`` in the untimed pass) and the rate it reaches,
 against a large dense matrix product in the network's dtype on the same device:
 how near a network already is to what the device's arithmetic can give.
+
+Malloc is set as the engine sets it (:func:`musetalk_worker.allocator.keep_freed_memory`),
+and each network's minor page faults per image, at its fastest size, show what
+that saves: start with glibc's variables (``MALLOC_MMAP_THRESHOLD_=131072``)
+to see the faults the setting spares.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -33,27 +39,33 @@ from . import FIXTURE_MODELS, describe_machine, engine_version, machine, parse_a
 
 @dataclasses.dataclass
 class Measured:
-    """Milliseconds per image by network and images per call, each network's GFLOP per image and its dtype."""
+    """Milliseconds per image by network and images per call, each network's GFLOP per image and its dtype,
+    and the minor page faults per image of the timed passes, by network and images per call."""
 
     ms_per_image: Dict[str, Dict[int, float]]
     gflop_per_image: Dict[str, float]
     dtypes: Dict[str, str]
+    faults_per_image: Dict[str, Dict[int, float]] = dataclasses.field(default_factory=dict)
 
 
-def _per_image(run: Callable[[], None], count: int, repeats: int, sync: Callable[[], None]) -> Tuple[float, float]:
-    """(ms per image, GFLOP per image): the fastest timed pass, and the arithmetic of the untimed first one."""
+def _per_image(run: Callable[[], None], count: int, repeats: int,
+               sync: Callable[[], None]) -> Tuple[float, float, float]:
+    """(ms per image, GFLOP per image, page faults per image): the fastest timed pass, the arithmetic of the
+    untimed first one, and the minor page faults of the timed ones (the whole process's: nothing else runs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         run()
     sync()
     best = float("inf")
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         started = time.perf_counter()
         run()
         sync()
         best = min(best, time.perf_counter() - started)
-    return 1000 * best / count, counter.get_total_flops() / count / 1e9
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return 1000 * best / count, counter.get_total_flops() / count / 1e9, faults / (repeats * count)
 
 
 def gemm_gflops(device_name: str, dtype_name: str, size: int = 4096, repeats: int = 5) -> float:
@@ -129,7 +141,8 @@ def measure(models: Path, device_name: str, sizes: List[int], repeats: int,
     for name, (run, items) in networks.items():
         measured.dtypes[name] = "float32" if name.startswith("face parsing") else dtype_name
         timed = {size: _per_image(lambda: run(size), items, repeats, sync) for size in sizes}
-        measured.ms_per_image[name] = {size: ms for size, (ms, _) in timed.items()}
+        measured.ms_per_image[name] = {size: ms for size, (ms, _, _) in timed.items()}
+        measured.faults_per_image[name] = {size: faults for size, (_, _, faults) in timed.items()}
         # The arithmetic per image does not depend on the call size.
         measured.gflop_per_image[name] = timed[sizes[0]][1]
     return measured
@@ -143,17 +156,20 @@ def _with(owner: object, setting: str, size: int, call: Callable, inputs) -> obj
 def render(measured: Measured, sizes: List[int], gemm: Dict[str, float]) -> str:
     """A markdown table: one row per network, one column per call size (the fastest in bold), then the network's
     GFLOP per image and the rate of its fastest size, also as a share of the matrix product's GFLOP/s in the
-    network's dtype (``gemm``: {dtype: GFLOP/s})."""
+    network's dtype (``gemm``: {dtype: GFLOP/s}), and the page faults per image at that size."""
     lines = ["| ms per image | " + " | ".join(f"{s} per call" for s in sizes)
-             + " | GFLOP per image | GFLOP/s (fastest) | of the matrix product |",
-             "| --- | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: | ---: |"]
+             + " | GFLOP per image | GFLOP/s (fastest) | of the matrix product | page faults per image (fastest) |",
+             "| --- | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: | ---: | ---: |"]
     for name, row in measured.ms_per_image.items():
         fastest = min(row.values())
-        cells = [f"**{row[s]:.1f}**" if row[s] == fastest else f"{row[s]:.1f}" for s in sizes]
+        size = min(row, key=row.get)
+        cells = [f"**{row[s]:.1f}**" if s == size else f"{row[s]:.1f}" for s in sizes]
         gflop = measured.gflop_per_image[name]
         rate = gflop / (fastest / 1000)
         share = rate / gemm[measured.dtypes[name]]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gflop:.2f} | {rate:.0f} | {share:.0%} |")
+        faults = measured.faults_per_image.get(name, {}).get(size)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gflop:.2f} | {rate:.0f} | {share:.0%} | "
+                     + ("—" if faults is None else f"{faults:.0f}") + " |")
     return "\n".join(lines)
 
 
@@ -167,6 +183,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="the UNet's and VAE's dtype (a job's fp16 is bfloat16 on the CPU)")
     args = parse_args(parser, argv)
+    from musetalk_worker.allocator import keep_freed_memory, malloc_set_by_environment
+
+    kept = keep_freed_memory()  # as load_engine sets it for every engine
+    malloc = ("freed memory kept (the engine's setting)" if kept
+              else "the environment's settings" if malloc_set_by_environment() else "the C library's defaults")
     if args.threads:
         import torch
 
@@ -178,7 +199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     print(f"{describe_machine(info)}; device {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads, {args.dtype}; models {args.models}; engine {engine_version()}\n")
+          f"{torch.get_num_threads()} CPU threads, {args.dtype}; malloc: {malloc}; models {args.models}; "
+          f"engine {engine_version()}\n")
     print(render(measured, sizes, gemm))
     rates = ", ".join(f"{rate:.0f} GFLOP/s in {dtype}" for dtype, rate in gemm.items())
     print(f"\nmatrix product (4096x4096 @ 4096x4096) on this device: {rates} (face parsing is float32, as in a job)")
@@ -186,6 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.json.write_text(json.dumps({"machine": info, "models": str(args.models), "device": args.device,
                                          "dtype": args.dtype, "figures": measured.ms_per_image,
                                          "gflop_per_image": measured.gflop_per_image, "dtypes": measured.dtypes,
+                                         "faults_per_image": measured.faults_per_image, "malloc": malloc,
                                          "gemm_gflops": gemm},
                                         indent=2))
     return 0

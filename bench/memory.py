@@ -5,7 +5,7 @@ Two measurements, with the parity fixture's small random-weight models
 synthetic face video + speech (:mod:`bench.media`)::
 
     python -m bench.memory
-    python -m bench.memory --after-job --allocators glibc,mmap-fixed,jemalloc,production
+    python -m bench.memory --after-job --allocators production,mmap-fixed,jemalloc
     python -m bench.memory --fps 25 --width 704 --height 1216 --tolerance-mib 64 --json memory.json
 
 By default, the same job on 5 s and 60 s of media, each in a fresh process.
@@ -19,15 +19,18 @@ before the job, the peak during it, RSS right after it returned, after each
 ``--idle`` wait, and after ``malloc_trim(0)``, once per allocator setting
 (``--allocators``; each in a process of its own, since the settings are
 environment variables read at start). ``production`` is the setting the
-Dockerfile gives the worker image; the run exits 1 when, with it, RSS after the
-first wait exceeds RSS before the job by more than the tolerance.
+Dockerfile gives the worker image: no variable, so the worker's own
+(:mod:`musetalk_worker.allocator`: freed memory kept during a job, handed back
+after it, as the worker's job loop does here too); the run exits 1 when, with
+it, RSS after the first wait exceeds RSS before the job by more than the
+tolerance.
 
 The engine costs about a CPU second or two per output frame here, so the
 defaults (5 fps, 352x608) keep the 60 s job to 300 frames while the frame
 count still grows twelvefold.
 
 The length jobs run with glibc's mmap threshold held at its usual start value
-(the worker image's setting too, chosen by ``--after-job``). Left to move (glibc raises it after freeing large blocks), the heap keeps some
+(the worker image's setting until the worker set malloc itself; kept here so the peaks stay comparable). Left to move (glibc raises it after freeing large blocks), the heap keeps some
 freed batch buffers, so the peak says more about the allocator than about the
 data a job holds: measured here, the 5 s job peaked at 1820-1853 MiB and the
 60 s one 89 MiB above the 5 s one of the same run. With the threshold fixed,
@@ -62,6 +65,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from musetalk_worker.allocator import return_freed_memory
+
 from . import (FIXTURE_MODELS, MIB, ROOT, describe_machine, engine_version, machine, parse_args,
                proc_status_bytes, reset_peak_rss, run_child)
 from .media import make_job_media
@@ -79,7 +84,6 @@ MMAP_THRESHOLD_START = 131072
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 # The settings --after-job can compare, by name; "production" (the Dockerfile's) is added to them.
 ALLOCATORS: Dict[str, Dict[str, str]] = {
-    "glibc": {},
     "mmap-fixed": {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_START)},
     "arenas-2": {"MALLOC_ARENA_MAX": "2"},
     "mmap-fixed-arenas-2": {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_START), "MALLOC_ARENA_MAX": "2"},
@@ -113,8 +117,9 @@ def allocator_env(settings: Dict[str, str]) -> Dict[str, str]:
 
 
 def describe_allocator(settings: Dict[str, str]) -> str:
-    """The settings as they would be written in a shell, or glibc's defaults."""
-    return " ".join(f"{name}={value}" for name, value in settings.items()) or "glibc malloc, defaults"
+    """The settings as they would be written in a shell; none: the worker's own malloc setting."""
+    return (" ".join(f"{name}={value}" for name, value in settings.items())
+            or "no variables: the worker's own (freed memory kept during a job, handed back after it)")
 
 
 def _load_engine(job: Dict[str, object]):
@@ -211,6 +216,7 @@ def run_after_job(job: Dict[str, object]) -> Dict[str, object]:
         "job_peak_measured": reset_peak_rss(),
     }
     report.update(_run_job(pipe, job))
+    return_freed_memory()  # as the worker does after every job
     report.update(job_peak_rss_mib=proc_status_bytes("VmHWM") / MIB, rss_after_mib=proc_status_bytes("VmRSS") / MIB,
                   malloc_free_after_mib=_malloc_free_mib(libc), load_average_1min=os.getloadavg()[0])
     idle: List[List[float]] = []
@@ -447,9 +453,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--after-job", action="store_true",
                         help="measure RSS before, during and after the --long job in one process that loaded the "
                              "engine first, once per --allocators setting")
-    parser.add_argument("--allocators", type=_csv, default=["glibc", "production"],
+    parser.add_argument("--allocators", type=_csv, default=["production", "mmap-fixed"],
                         help=f"comma-separated allocator settings for --after-job, from {', '.join(ALLOCATORS)}, "
-                             "production (the Dockerfile's) (default glibc,production)")
+                             "production (the Dockerfile's) (default production,mmap-fixed)")
     parser.add_argument("--idle", type=lambda text: [float(x) for x in _csv(text)], default=[1.0, 10.0],
                         help="comma-separated seconds after the --after-job job at which to read RSS again "
                              "(default 1,10)")

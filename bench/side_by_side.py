@@ -340,12 +340,13 @@ def _run_ours_child(config: Dict[str, object], result: Path) -> int:
     import torch
 
     from musetalk_worker import MuseTalkOptions
-    from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
+    from musetalk_worker.engine import load_engine
+    from musetalk_worker.options import EngineConfig
 
     torch.set_num_threads(int(config["threads"]))
     cache = config.get("cache_dir")
-    pipe = MuseTalkPipeline.from_models(Path(config["models"]), device=config["device"], landmarks="dlib",
-                                        cache_dir=Path(cache) if cache else None)
+    pipe = load_engine("musetalk", EngineConfig(Path(config["models"]), device=config["device"], landmarks="dlib",
+                                                cache_dir=Path(cache) if cache else None))
     loaded = time.time()
     options = MuseTalkOptions(batch_size=int(config["batch_size"]), boxes=[tuple(b) for b in config["boxes"]],
                               fp16=bool(config.get("fp16")))

@@ -127,21 +127,13 @@ def engine_options(model: str, *, batch_size: int = 8, fp16: bool = False, steps
 def load_bench_engine(model: str, models: Path, *, device: str = "cpu", landmarks: str = "dlib", fp16: bool = False,
                       cache_dir: Optional[Path] = None, acceleration=None, version: str = ""):
     """The engine of ``model`` with ``models`` and ``version`` (empty: the model's default) loaded now, so that
-    load time and RSS after load include it: MuseTalk's pipeline, or LatentSync's through ``load_engine``."""
+    load time and RSS after load include it; through ``load_engine``, as the worker loads it."""
+    from musetalk_worker.engine import load_engine
     from musetalk_worker.options import Acceleration, EngineConfig
 
-    acceleration = acceleration or Acceleration()
     versions = (version or engine_options(model).version,)
-    if model == "latentsync":
-        from musetalk_worker.engine import load_engine
-
-        return load_engine("latentsync", EngineConfig(models, device=device, landmarks=landmarks, fp16=fp16,
-                                                      versions=versions, acceleration=acceleration,
-                                                      cache_dir=cache_dir))
-    from musetalk_worker.engines.musetalk.pipeline import MuseTalkPipeline
-
-    return MuseTalkPipeline.from_models(models, device=device, fp16=fp16, landmarks=landmarks, cache_dir=cache_dir,
-                                        acceleration=acceleration, versions=versions)
+    return load_engine(model, EngineConfig(models, device=device, landmarks=landmarks, fp16=fp16, versions=versions,
+                                           acceleration=acceleration or Acceleration(), cache_dir=cache_dir))
 
 
 def warm_up(model: str, pipe, options) -> None:

@@ -14,6 +14,7 @@ import importlib
 from pathlib import Path
 from typing import Callable, Dict, Optional, Protocol, Union
 
+from .allocator import keep_freed_memory
 from .decode import MediaInfo
 from .device import fit_cpu_threads
 from .encode import HlsOutput
@@ -68,12 +69,15 @@ class Engine(Protocol):
 
 
 def load_engine(model: str, config: EngineConfig) -> Engine:
-    """Loads the engine of ``model`` (``musetalk`` or ``latentsync``) as ``config`` says.
+    """Loads the engine of ``model`` (``musetalk`` or ``latentsync``) as ``config`` says, first fitting the
+    process to the machine: torch's CPU threads to the usable CPUs, malloc to keep the memory the networks
+    free for their next image (:mod:`.allocator`).
 
     Raises:
         KeyError: an unknown model (the job schema refuses those before).
         LipSyncError: missing models or libraries, named.
     """
     fit_cpu_threads()
+    keep_freed_memory()
     module, _, name = _ENGINES[model].partition(":")
     return getattr(importlib.import_module(f".{module}", __package__), name).from_config(config)

@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
 
+from .allocator import return_freed_memory
 from .decode import MediaInfo, probe_inputs
 from .encode import HlsOutput
 from .engine import Engine, load_engine
@@ -231,6 +232,7 @@ class Worker:
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+            return_freed_memory()
 
     @contextlib.contextmanager
     def _stream(self, stream: Optional[StreamOptions], plan: DeliveryPlan, scratch: Path,
