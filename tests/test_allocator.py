@@ -69,6 +69,7 @@ def test_glibc_variables_from_the_environment_are_left_to_win():
 
 def test_which_environments_set_malloc_themselves():
     assert not malloc_set_by_environment({})
-    assert not malloc_set_by_environment({"MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": "glibc.rtld.nns=2"})
+    assert not malloc_set_by_environment({"MALLOC_CONF": "background_thread:true", "GLIBC_TUNABLES": "glibc.rtld.nns=2"})
+    assert malloc_set_by_environment({"MALLOC_ARENA_MAX": "2"})
     assert malloc_set_by_environment({"MALLOC_TRIM_THRESHOLD_": "0"})
     assert malloc_set_by_environment({"GLIBC_TUNABLES": "glibc.rtld.nns=2:glibc.malloc.mmap_threshold=4096"})
