@@ -36,7 +36,7 @@ data a job holds: measured here, the 5 s job peaked at 1820-1853 MiB and the
 60 s one 89 MiB above the 5 s one of the same run. With the threshold fixed,
 large buffers go back to the system when freed and the peak follows live
 memory (the 5 s job: 1691 MiB in three runs). ``--malloc-mmap-threshold 0``
-measures with glibc's default behaviour.
+sets no variable: the worker's own malloc setting (at the time of these figures, glibc's defaults).
 
 ``--model latentsync`` measures LatentSync the same way (each length in a
 fresh process), by default with the first LatentSync parity fixture's models
@@ -449,7 +449,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "RSS after the first idle wait over RSS before the job (default 64 MiB)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=MMAP_THRESHOLD_START,
                         help="glibc's MALLOC_MMAP_THRESHOLD_ for the length jobs (default 131072, its usual start "
-                             "value, held fixed); 0 leaves glibc's moving threshold, whose peaks vary from run to run")
+                             "value, held fixed); 0 sets none: the worker's own malloc setting (freed memory kept during "
+                             "the job), whose peaks follow the allocator's free lists")
     parser.add_argument("--after-job", action="store_true",
                         help="measure RSS before, during and after the --long job in one process that loaded the "
                              "engine first, once per --allocators setting")
@@ -519,7 +520,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(render_after_job(reports, header, args.idle, verdict))
     else:
         header["allocator"] = (f"glibc malloc, MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} (fixed)"
-                               if args.malloc_mmap_threshold else "glibc malloc, default (moving) mmap threshold")
+                               if args.malloc_mmap_threshold else "no variables: the worker's own malloc setting")
         print(render(reports, header, verdict))
     if args.json:
         args.json.write_text(json.dumps({"header": header, "machine": host, "reports": reports, "passed": passed},

@@ -2,14 +2,16 @@
 
 glibc's malloc gives every block above its mmap threshold (128 KiB, raised
 as such blocks are freed, up to 32 MiB) fresh pages from the kernel and hands
-them back on free, and trims the top of its heaps whenever 128 KiB lie
-free there. A VAE decode allocates and frees tens of megabytes of activations
-per image, so each image paid for page faults on memory just given back: 16k
-faults (64 MiB) per image with the small decoder, 550k with the real-size one,
-about 20 % and 13 % of the decoder's time on a 2-core CPU (bench/README.md,
-*Keeping freed memory*). Raising both thresholds lets the next image reuse the
-pages; :func:`return_freed_memory` gives them back once a job is done, so an
-idle worker does not sit on them. Nothing numerical changes.
+them back on free, and trims the top of its heaps whenever 128 KiB lie free
+there. A VAE decode allocates and frees tens of MiB of activations per image,
+so each image paid page faults on memory just given back. With the threshold
+held at 128 KiB (what the worker image set until now) the small decoder took
+252 ms and 130k faults per image on a 2-core CPU, against 113 ms and 4k with
+this module's setting; the encoder and face parsing lost as much
+(``bench.images_per_call``; bench/README.md, *Keeping freed memory*). Raising
+both thresholds lets the next image reuse the pages; :func:`return_freed_memory`
+gives them back once a job is done, so an idle worker does not sit on them.
+Nothing numerical changes.
 
 Only glibc (Linux) has these knobs; elsewhere both functions do nothing. A
 process started with glibc's own malloc variables (``MALLOC_MMAP_THRESHOLD_``
