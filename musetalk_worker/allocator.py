@@ -63,7 +63,7 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 
 def malloc_set_by_environment(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether the process was started with its own glibc malloc thresholds."""
+    """Whether the process was started with glibc malloc settings of its own (variables or tunables)."""
     return any(name in environ for name in MALLOC_VARIABLES) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
 
 
