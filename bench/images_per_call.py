@@ -161,11 +161,10 @@ def render(measured: Measured, sizes: List[int], gemm: Dict[str, float]) -> str:
              + " | GFLOP per image | GFLOP/s (fastest) | of the matrix product | page faults per image (fastest) |",
              "| --- | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: | ---: | ---: |"]
     for name, row in measured.ms_per_image.items():
-        fastest = min(row.values())
         size = min(row, key=row.get)
         cells = [f"**{row[s]:.1f}**" if s == size else f"{row[s]:.1f}" for s in sizes]
         gflop = measured.gflop_per_image[name]
-        rate = gflop / (fastest / 1000)
+        rate = gflop / (row[size] / 1000)
         share = rate / gemm[measured.dtypes[name]]
         faults = measured.faults_per_image.get(name, {}).get(size)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {gflop:.2f} | {rate:.0f} | {share:.0%} | "

@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from musetalk_worker.allocator import return_freed_memory
+from musetalk_worker.allocator import glibc_malloc, return_freed_memory
 
 from . import (FIXTURE_MODELS, MIB, ROOT, describe_machine, engine_version, machine, parse_args,
                proc_status_bytes, reset_peak_rss, run_child)
@@ -182,13 +182,6 @@ class _Mallinfo2(ctypes.Structure):
                  "keepcost")]
 
 
-def _glibc_malloc() -> Optional[ctypes.CDLL]:
-    """glibc, when it is this process's malloc (not when LD_PRELOAD put another allocator first)."""
-    libc = ctypes.CDLL("libc.so.6")
-    first = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
-    return libc if first == ctypes.cast(libc.malloc, ctypes.c_void_p).value else None
-
-
 def _malloc_free_mib(libc: Optional[ctypes.CDLL]) -> Optional[float]:
     """Freed memory glibc's arenas keep (``mallinfo2().fordblks``), in MiB; None under another allocator."""
     if libc is None:
@@ -207,7 +200,7 @@ def run_after_job(job: Dict[str, object]) -> Dict[str, object]:
 
     pipe = _load_engine(job)
     pipe.warm_up()
-    libc = _glibc_malloc()
+    libc = glibc_malloc()
     report: Dict[str, object] = {
         "threads": torch.get_num_threads(),
         "glibc_malloc": libc is not None,

@@ -13,10 +13,11 @@ both thresholds lets the next image reuse the pages; :func:`return_freed_memory`
 gives them back once a job is done, so an idle worker does not sit on them.
 Nothing numerical changes.
 
-Only glibc (Linux) has these knobs; elsewhere both functions do nothing. A
-process started with glibc's own malloc variables (``MALLOC_MMAP_THRESHOLD_``
-and the like, or ``GLIBC_TUNABLES`` naming ``glibc.malloc``) keeps them: they
-are the user's choice, as ``OMP_NUM_THREADS`` is for threads.
+Only glibc (Linux) has these knobs; elsewhere, and under a preloaded
+allocator, both functions do nothing. A process started with glibc's own
+malloc variables (``MALLOC_MMAP_THRESHOLD_`` and the like, or
+``GLIBC_TUNABLES`` naming ``glibc.malloc``) keeps them: they are the user's
+choice, as ``OMP_NUM_THREADS`` is for threads.
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_
 
 
 @functools.lru_cache(maxsize=1)
-def _glibc() -> Optional[ctypes.CDLL]:
-    """This process's C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
-    name = ctypes.util.find_library("c")
+def glibc_malloc() -> Optional[ctypes.CDLL]:
+    """glibc, when it is this process's malloc (not off glibc, nor when LD_PRELOAD put another allocator such
+    as jemalloc first, where glibc's knobs would tune an allocator nobody calls); else None."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
         libc.gnu_get_libc_version  # noqa: B018 - glibc's own symbol: musl and macOS lack it
+        first = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+        if first != ctypes.cast(libc.malloc, ctypes.c_void_p).value:
+            return None
         libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
         libc.malloc_trim.argtypes = (ctypes.c_size_t,)
     except (OSError, AttributeError, TypeError):
@@ -70,8 +74,8 @@ def malloc_set_by_environment(environ: Mapping[str, str] = os.environ) -> bool:
 def keep_freed_memory() -> bool:
     """Lets malloc keep freed blocks of up to :data:`MMAP_THRESHOLD` for reuse instead of returning them
     to the kernel at once, in one heap (see the module's docstring). Process-wide, and for the threads
-    started after it; returns whether it took effect (not off glibc, nor where the environment set malloc)."""
-    libc = _glibc()
+    started after it; returns whether it took effect (not where glibc is not the malloc, nor where the environment set it)."""
+    libc = glibc_malloc()
     if libc is None or malloc_set_by_environment():
         return False
     applied = all([libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD), libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
@@ -83,6 +87,6 @@ def keep_freed_memory() -> bool:
 
 def return_freed_memory() -> None:
     """Hands the memory malloc keeps free back to the kernel (after a job, so an idle worker is small)."""
-    libc = _glibc()
+    libc = glibc_malloc()
     if libc is not None:
         libc.malloc_trim(0)
