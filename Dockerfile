@@ -111,7 +111,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MUSETALK_MODELS_DIR=/models \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    HF_HUB_DISABLE_TELEMETRY=1
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    HF_HUB_DISABLE_PROGRESS_BARS=1
 # No malloc variables: the worker sets malloc itself (musetalk_worker/allocator.py). It keeps freed
 # memory during a job, as the networks free and take back tens of MiB per image (the
 # MALLOC_MMAP_THRESHOLD_=131072 this image set before doubled the CPU networks' time in page
@@ -120,4 +121,7 @@ COPY weights.lock.json ./
 COPY builder/ builder/
 COPY musetalk_worker/ musetalk_worker/
 COPY handler.py ./
+# PYTHONDONTWRITEBYTECODE keeps a running worker from writing .pyc files, so without this every cold
+# start would compile the worker's own modules again (pip compiled the libraries' at install).
+RUN python -m compileall -q builder musetalk_worker handler.py
 CMD ["python", "-u", "handler.py"]

@@ -76,7 +76,9 @@ def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> 
     if fix_keys is not None:
         state = fix_keys(dict(state)) or state
     vae.load_state_dict(state, strict=True, assign=True)
-    vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # Every tensor is already the file's, on ``device`` in ``dtype``: no ``vae.to(dtype)``, which in diffusers
+    # only logs a warning about float32 modules (at every start, even when there are none).
+    vae = vae.eval().requires_grad_(False)
     if device.type == "cpu" and dtype == torch.bfloat16:
         # oneDNN's bfloat16 convolutions are fast in channels-last, slow in NCHW (bench/images_per_call.py
         # --dtype bfloat16; bench/README.md has the figures); the group norm's channels-last kernel is fine

@@ -141,6 +141,28 @@ def test_the_unet_loads_the_files_tensors(fixture_models):
     assert all(torch.equal(loaded[k], state[k].float()) for k in state)
 
 
+def test_the_networks_load_in_their_dtype_without_diffusers_warnings(fixture_models):
+    """The loaders give every tensor the asked dtype without ``module.to(dtype)``, which in diffusers logs a
+    warning about float32 modules at every worker start even when there are none (diffusers' loggers do not
+    propagate to the root logger, so the test listens on diffusers' own)."""
+    import logging
+
+    records: list = []
+    listener = logging.Handler(logging.WARNING)
+    listener.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(listener)
+    cpu = torch.device("cpu")
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            for network in (load_vae(fixture_models, cpu, dtype), load_unet(fixture_models, "v15", cpu, dtype)):
+                tensors = [*network.parameters(), *network.buffers()]
+                assert tensors and {(t.device.type, t.dtype) for t in tensors} == {("cpu", dtype)}
+    finally:
+        diffusers_logger.removeHandler(listener)
+    assert [record.getMessage() for record in records] == []
+
+
 def test_on_the_cpu_an_image_gets_the_same_result_in_any_batch(fixture_models):
     """The VAE and face parsing take one image per call on the CPU (faster per image there, bench/README.md), so
     an image's latents, decoded face and parsing classes do not depend on the batch it came in (in whole-batch

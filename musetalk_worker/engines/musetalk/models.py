@@ -49,7 +49,8 @@ def load_unet(models_dir: Path, version: str, device: torch.device, dtype: torch
         unet = UNet2DConditionModel.from_config(config)
     unet.load_state_dict(state, assign=True)
     logger.info("loaded UNet %s from %s", version, weights)
-    return precise_cpu_group_norm(unet.to(device=device, dtype=dtype).eval().requires_grad_(False))
+    # Already on ``device`` in ``dtype`` (load_state): no ``unet.to(dtype)``, which in diffusers only warns.
+    return precise_cpu_group_norm(unet.eval().requires_grad_(False))
 
 
 def load_vae(models_dir: Path, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
