@@ -122,6 +122,7 @@ COPY builder/ builder/
 COPY musetalk_worker/ musetalk_worker/
 COPY handler.py ./
 # PYTHONDONTWRITEBYTECODE keeps a running worker from writing .pyc files, so without this every cold
-# start would compile the worker's own modules again (pip compiled the libraries' at install).
-RUN python -m compileall -q builder musetalk_worker handler.py
+# start would compile the worker's package again (pip compiled the libraries' at install). handler.py
+# runs as __main__, which Python always compiles from source, and builder/ is not run here.
+RUN python -m compileall -q musetalk_worker
 CMD ["python", "-u", "handler.py"]

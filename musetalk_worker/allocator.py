@@ -74,7 +74,8 @@ def malloc_set_by_environment(environ: Mapping[str, str] = os.environ) -> bool:
 def keep_freed_memory() -> bool:
     """Lets malloc keep freed blocks of up to :data:`MMAP_THRESHOLD` for reuse instead of returning them
     to the kernel at once, in one heap (see the module's docstring). Process-wide, and for the threads
-    started after it; returns whether it took effect (not where glibc is not the malloc, nor where the environment set it)."""
+    started after it; returns whether it took effect (not where glibc is not the malloc, nor where the
+    environment set it)."""
     libc = glibc_malloc()
     if libc is None or malloc_set_by_environment():
         return False

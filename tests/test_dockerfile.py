@@ -97,9 +97,9 @@ def test_the_worker_stage_installs_with_ci_scripts_runs_offline_and_has_no_test_
     assert worker[-1] == ("CMD", '["python", "-u", "handler.py"]')
     # Worker logs (RunPod's log view) get no progress bars from transformers' or the hub's weight loading.
     assert re.search(r"\bHF_HUB_DISABLE_PROGRESS_BARS=1\b", text)
-    # The worker's own modules are compiled once, in the image, after the last copy of them.
+    # The worker's package is compiled once, in the image, after the last copy of it.
     compiled = next(i for i, (k, r) in enumerate(worker) if k == "RUN" and "compileall" in r)
-    assert "musetalk_worker" in worker[compiled][1] and "handler.py" in worker[compiled][1]
+    assert "musetalk_worker" in worker[compiled][1]
     assert compiled > max(i for i, (k, r) in enumerate(worker) if k == "COPY" and "musetalk_worker" in r)
     # The weights layer comes before the dependencies and the code, which change more often.
     order = [rest for keyword, rest in worker if keyword in ("COPY", "RUN")]
