@@ -4,9 +4,10 @@ Both get the same source video, speech, models and face boxes: the boxes are
 found once here (dlib landmarks, this engine's box arithmetic, which is
 upstream's) and given to this engine as the job's ``boxes`` and to upstream as
 the coordinate pickle that ``--use_saved_coord`` reads, so neither side runs
-face detection. The runs alternate (upstream, engine, upstream, ...), each in
-a fresh process, and the table gives the median of each side, the ratio, and
-every pair::
+face detection (``--boxes FILE`` keeps them, for a machine without dlib;
+``--boxes-only`` writes that file for the media). The runs alternate
+(upstream, engine, upstream, ...), each in a fresh process, and the table gives
+the median of each side, the ratio, and every pair::
 
     python -m bench.side_by_side --upstream ~/MuseTalk --upstream-python ~/musetalk-env/bin/python \\
         --runs 4 --device cpu --width 704 --height 1216 --seconds 4 --fps 25
@@ -119,6 +120,39 @@ def find_boxes(video: Path, landmarks: str = "dlib", models: Optional[Path] = No
         box = box_math.face_box(detection.landmarks, detection.detector_box)
         found.append(box_math.clip_box(box, info.width, info.height))
     return found
+
+
+def saved_boxes(path: Path, video: Path, models: Optional[Path] = None) -> List[Tuple[int, int, int, int]]:
+    """The boxes of ``video`` kept in ``path`` (JSON, one ``[x1, y1, x2, y2]`` per frame): read when the file
+    exists, else found (:func:`find_boxes`, dlib) and written there.
+
+    A machine without dlib (a lent GPU machine) times with boxes found elsewhere
+    on the same synthetic media; both sides get them, so only their validity matters.
+
+    Raises:
+        SystemExit: the file's boxes do not fit ``video`` (count, frame size), or are not boxes.
+    """
+    if not path.is_file():
+        boxes = find_boxes(video, models=models)
+        path.write_text(json.dumps([list(box) for box in boxes]) + "\n")
+        return boxes
+    from musetalk_worker.decode import probe
+
+    info = probe(video)
+    try:
+        boxes = [tuple(int(v) for v in box) for box in json.loads(path.read_text())]
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"{path} does not hold a JSON list of [x1, y1, x2, y2] boxes ({exc}); delete it to "
+                         "find the boxes again") from exc
+    if len(boxes) != info.estimated_frames:
+        raise SystemExit(f"{path} holds {len(boxes)} boxes but {video} has {info.estimated_frames} frames: "
+                         "boxes for other media (delete it, or make it for these media with --boxes-only)")
+    for index, box in enumerate(boxes):
+        x1, y1, x2, y2 = box if len(box) == 4 else (0, 0, 0, 0)
+        if not (0 <= x1 < x2 <= info.width and 0 <= y1 < y2 <= info.height):
+            raise SystemExit(f"box {index} in {path}, {list(box)}, is not a box inside the "
+                             f"{info.width}x{info.height} frame")
+    return boxes
 
 
 # ---------------------------------------------------------------- the idle check
@@ -257,7 +291,8 @@ def _portable_checkpoint(path: Path) -> Path:
     return target
 
 
-def upstream_argv(python: str, batch_size: int) -> List[str]:
+def upstream_argv(python: str, batch_size: int, half: bool = False) -> List[str]:
+    """Upstream's ``scripts/inference.py`` command line for the scratch copy; ``half``: ``--use_float16``."""
     ffmpeg = shutil.which("ffmpeg")
     return [
         python, "-m", "scripts.inference", "--inference_config", "task.yaml", "--result_dir", "results",
@@ -265,12 +300,15 @@ def upstream_argv(python: str, batch_size: int) -> List[str]:
         "--whisper_dir", "models/whisper", "--vae_type", "sd-vae", "--version", "v15",
         "--batch_size", str(batch_size), "--use_saved_coord", "--saved_coord",
         "--ffmpeg_path", str(Path(ffmpeg).parent) if ffmpeg else ".",
-    ]
+    ] + (["--use_float16"] if half else [])
 
 
 def run_upstream(python: str, run_dir: Path, probe_dir: Path, batch_size: int, device: str, threads: int,
-                 timeout_s: float) -> Dict[str, object]:
-    """One upstream run in a fresh process: wall time, load time, per-stage seconds, output frames."""
+                 timeout_s: float, half: bool = False) -> Dict[str, object]:
+    """One upstream run in a fresh process: wall time, load time, per-stage seconds, output frames.
+
+    ``half``: upstream's own half precision (``--use_float16``: its UNet, VAE and Whisper in float16).
+    """
     shutil.rmtree(run_dir / "results", ignore_errors=True)
     report_path = run_dir / "probe-report.json"
     report_path.unlink(missing_ok=True)
@@ -280,7 +318,7 @@ def run_upstream(python: str, run_dir: Path, probe_dir: Path, batch_size: int, d
     # Upstream was written for torch 2.0, whose torch.load unpickled anything (its checkpoints hold numpy arrays).
     env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     started = time.time()
-    done = subprocess.run(upstream_argv(python, batch_size), cwd=run_dir, env=env, capture_output=True, text=True,
+    done = subprocess.run(upstream_argv(python, batch_size, half), cwd=run_dir, env=env, capture_output=True, text=True,
                           check=False, timeout=timeout_s)
     ended = time.time()
     output = run_dir / "results" / "v15" / "out.mp4"
@@ -560,7 +598,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--fp16", action="store_true",
                         help="this engine's jobs ask for fp16 (bfloat16 on a CPU with it in hardware); upstream "
-                             "stays in float32, so the table is then a different-precision comparison")
+                             "gets --use_float16 on CUDA and stays in float32 on the CPU (its half precision is "
+                             "float16, slow there), so on the CPU the table compares two precisions")
+    parser.add_argument("--boxes", type=Path,
+                        help="face boxes as JSON, one [x1, y1, x2, y2] per source frame: read from this file when "
+                             "it exists (a machine without dlib), else found with dlib and written there")
+    parser.add_argument("--boxes-only", action="store_true",
+                        help="only write --boxes for the media, for a machine without dlib; no timing")
     parser.add_argument("--no-networks-alone", action="store_true",
                         help="leave out the table of this engine's networks timed alone")
     parser.add_argument("--work", type=Path, help="scratch folder (default a temporary one)")
@@ -571,17 +615,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.run_ours:
         return _run_ours_child(json.loads(args.run_ours), args.result)
+    media_folder = Path.home() / ".cache" / "musetalk-worker" / "side-by-side-media"
+    if args.boxes_only:
+        if args.boxes is None:
+            parser.error("--boxes-only needs --boxes FILE")
+        video, _ = _media(args, media_folder)
+        logger.info("%d boxes for %s in %s", len(saved_boxes(args.boxes, video, args.models)), video.name, args.boxes)
+        return 0
     if args.upstream is None:
         parser.error("--upstream is required (a MuseTalk checkout)")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     upstream = args.upstream.resolve()
     python = args.upstream_python or sys.executable
+    upstream_half = args.fp16 and args.device == "cuda"
+    precision = ("; both sides in half precision (the engine's fp16, upstream's --use_float16)" if upstream_half
+                 else "; the engine's jobs with fp16 (upstream float32)")
     with tempfile.TemporaryDirectory(prefix="side-by-side-") as scratch:
         work = (args.work or Path(scratch)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        video, audio = _media(args, Path.home() / ".cache" / "musetalk-worker" / "side-by-side-media")
-        boxes = find_boxes(video, models=args.models)
+        video, audio = _media(args, media_folder)
+        boxes = saved_boxes(args.boxes, video, args.models) if args.boxes else find_boxes(video, models=args.models)
         run_dir = prepare_upstream(upstream, args.models.resolve(), work, video, audio, boxes)
         config = {"models": str(args.models.resolve()), "device": args.device, "threads": args.threads,
                   "batch_size": args.batch_size, "boxes": [list(b) for b in boxes], "video": str(video),
@@ -605,7 +659,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 logger.info("run %d/%d: %s (%.2f cores busy before)", i + 1, args.runs, side, busy)
                 if side == "upstream":
                     run = run_upstream(python, run_dir, work / "probe", args.batch_size, args.device, args.threads,
-                                       args.timeout)
+                                       args.timeout, half=upstream_half)
                 else:
                     run = run_ours(config, args.device, args.threads, args.timeout)
                 run.update(busy_before=busy, load_after=list(os.getloadavg()))
@@ -622,10 +676,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "models": str(args.models),
         "media": (f"{video.name} ({args.width}x{args.height}, {rate} fps, {len(boxes)} frames) and {audio.name}"
                   if not args.source else f"{video} and {audio}"),
-        "boxes": (f"{len(boxes)} boxes from dlib landmarks; upstream given --use_saved_coord, the engine 'boxes'; "
+        "boxes": (f"{len(boxes)} boxes from dlib landmarks" + (f" (kept in {args.boxes})" if args.boxes else "")
+                  + "; upstream given --use_saved_coord, the engine 'boxes'; "
                   f"batch size {args.batch_size}" + ("; the engine from its avatar cache" if args.cached_avatar
                                                      else "")
-                  + ("; the engine's jobs with fp16 (upstream float32)" if args.fp16 else "")),
+                  + (precision if args.fp16 else "")),
         "runs": f"{args.runs} of each, alternating, upstream first, each a fresh process",
         "under_load": under_load,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import sys
 import textwrap
@@ -124,6 +125,44 @@ def test_boxes_are_written_in_upstreams_format(tmp_path):
     assert read_upstream_boxes(path) == boxes
 
 
+def test_boxes_are_found_once_then_read_from_their_file(tmp_path, monkeypatch):
+    from bench.media import make_video
+
+    video = make_video(tmp_path / "face.mp4", width=256, height=320, seconds=1, fps=4)
+    kept = tmp_path / "boxes.json"
+    found = side_by_side.saved_boxes(kept, video)  # dlib on the real frames, then written
+    assert len(found) == 4 and all(0 <= x1 < x2 <= 256 and 0 <= y1 < y2 <= 320 for x1, y1, x2, y2 in found)
+    assert json.loads(kept.read_text()) == [list(box) for box in found]
+
+    def no_detection(*args, **kwargs):
+        raise AssertionError("the boxes were kept: no face detection")
+
+    monkeypatch.setattr(side_by_side, "find_boxes", no_detection)
+    assert side_by_side.saved_boxes(kept, video) == found
+
+
+@pytest.mark.parametrize("boxes, says", [
+    ([[0, 0, 10, 10]] * 3, "holds 3 boxes but"),
+    ([[0, 0, 10, 10]] * 3 + [[200, 0, 300, 10]], "is not a box inside the 256x320 frame"),
+    ([[0, 0, 10, 10]] * 3 + [[5, 5, 5, 9]], "is not a box inside"),
+    ([[0, 0, 10, 10]] * 3 + [[1, 2, 3]], "is not a box inside"),
+    ({"x": 1}, "does not hold a JSON list"),
+])
+def test_kept_boxes_that_do_not_fit_the_media_are_refused(tmp_path, boxes, says):
+    from bench.media import make_video
+
+    video = make_video(tmp_path / "face.mp4", width=256, height=320, seconds=1, fps=4)
+    kept = tmp_path / "boxes.json"
+    kept.write_text(json.dumps(boxes))
+    with pytest.raises(SystemExit, match=says):
+        side_by_side.saved_boxes(kept, video)
+
+
+def test_upstream_runs_in_its_own_half_precision_only_when_asked():
+    assert "--use_float16" not in side_by_side.upstream_argv("python", 8)
+    assert side_by_side.upstream_argv("python", 8, half=True)[-1] == "--use_float16"
+
+
 def test_upstream_stages_are_timed_from_outside(fake_upstream, tmp_path):
     work = tmp_path / "work"
     video, audio = tmp_path / "source.mp4", tmp_path / "speech.wav"
@@ -227,7 +266,8 @@ def stubbed_main(monkeypatch, tmp_path):
     monkeypatch.setattr(side_by_side, "find_boxes", lambda video, models=None: [(0, 0, 4, 4)])
     monkeypatch.setattr(side_by_side, "prepare_upstream", lambda *a: tmp_path)
     monkeypatch.setattr(side_by_side, "run_upstream",
-                        lambda *a: made.append("upstream") or _run("upstream", 20.0, {"unet": 1.0}))
+                        lambda *a, half=False: made.append("upstream half" if half else "upstream")
+                        or _run("upstream", 20.0, {"unet": 1.0}))
     monkeypatch.setattr(side_by_side, "run_ours", lambda *a: made.append("engine") or _run("engine", 10.0, {}))
     monkeypatch.setattr(side_by_side, "_python_versions", lambda python: "Python x")
     monkeypatch.setattr(side_by_side, "networks_alone", lambda *a: made.append("alone") or ALONE)
@@ -255,6 +295,25 @@ def test_main_times_an_idle_machine_unmarked(stubbed_main, monkeypatch, tmp_path
     monkeypatch.setattr(side_by_side, "busy_cores", lambda s: 0.05)
     assert side_by_side.main(["--upstream", str(tmp_path), "--runs", "1", "--idle-sample", "0"]) == 0
     assert "TAKEN UNDER LOAD" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device, upstream", [("cuda", "upstream half"), ("cpu", "upstream")])
+def test_fp16_gives_upstream_its_half_precision_on_cuda_only(stubbed_main, monkeypatch, tmp_path, capsys, device,
+                                                              upstream):
+    monkeypatch.setattr(side_by_side, "busy_cores", lambda s: 0.05)
+    assert side_by_side.main(["--upstream", str(tmp_path), "--runs", "1", "--idle-sample", "0", "--fp16",
+                              "--device", device]) == 0
+    assert stubbed_main == [upstream, "engine"]  # no float32 networks-alone table beside a half-precision job
+    out = capsys.readouterr().out
+    assert ("both sides in half precision" in out) == (device == "cuda")
+
+
+def test_boxes_only_writes_the_file_and_times_nothing(stubbed_main, monkeypatch, tmp_path):
+    monkeypatch.setattr(side_by_side, "saved_boxes", lambda path, video, models=None: [path.write_text("[]")][:0])
+    assert side_by_side.main(["--boxes-only", "--boxes", str(tmp_path / "b.json")]) == 0
+    assert (tmp_path / "b.json").is_file() and stubbed_main == []
+    with pytest.raises(SystemExit):
+        side_by_side.main(["--boxes-only"])  # needs --boxes
 
 
 def test_a_portable_checkpoint_keeps_the_tensors_and_drops_numpy_from_its_metadata(tmp_path):
