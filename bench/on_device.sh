@@ -9,11 +9,16 @@
 #   bash bench/on_device.sh models         setup + the random real-architecture models
 #   bash bench/on_device.sh speed [DTYPES] setup + models + bench.speed, one run per dtype
 #                                          (DTYPES comma-separated, default fp16,fp32)
+#   bash bench/on_device.sh side [JOBS]    setup + models + bench.side_by_side against upstream
+#                                          MuseTalk (from .kit/side, see scripts/device_kit.sh), one
+#                                          table per job: 4s (speech as long as the source), 16s
+#                                          (4x), cached (avatar cache), 4s-fp16, cached-fp16 (both
+#                                          sides in half precision); default 4s,cached,16s
 #
 # Each step does the ones before it that this machine has not done yet (a machine goes
 # back 30 s after a call, and a fresh one is bare), so any step works as the first call.
 # Every output lands in $OUT (the tool brings it back): on_device.log (everything),
-# versions.txt, speed-<dtype>.md and speed-<dtype>.json. Exits non-zero on any failure,
+# versions.txt, speed-<dtype>.md/.json, side-<job>.md/.json. Exits non-zero on any failure,
 # with the reason as the last line.
 #
 # Settings (environment), the defaults being the issue's configuration:
@@ -21,7 +26,11 @@
 #                (default: --device cuda --width 704 --height 1216 --seconds 10 --fps 25
 #                 --batch-sizes 8,16,32 --landmarks dwpose --repeat-with-cache --timeout 240)
 #   MODELS_ARGS  bench.random_models options (default --with-dwpose)
-#   LIMIT_S      start the next dtype only if, at the pace of the last one (+30 %), it
+#   SIDE_ARGS    bench.side_by_side options besides the media (.kit/side/media-args), models,
+#                boxes and the job's own (default: --device cuda --runs 2 --landmarks dwpose
+#                --timeout 240)
+#   MODELS       the models folder both sides get (default bench.random_models' folder)
+#   LIMIT_S      start the next dtype or job only if, at the pace of the last one (+30 %), it
 #                ends within this many seconds of the start (default 570: a call is cut
 #                at 600 s); one left out is named in the last line, for another call
 #   MMCV_OPS=1   build mmcv 2.1.0 with its CPU ops from .kit/sdist instead of using
@@ -39,6 +48,8 @@ KIT=$ROOT/.kit
 OUT=${OUT:-/tmp/musetalk-bench-out}
 SPEED_ARGS=${SPEED_ARGS:---device cuda --width 704 --height 1216 --seconds 10 --fps 25 --batch-sizes 8,16,32 --landmarks dwpose --repeat-with-cache --timeout 240}
 MODELS_ARGS=${MODELS_ARGS:---with-dwpose}
+SIDE_ARGS=${SIDE_ARGS:---device cuda --runs 2 --landmarks dwpose --timeout 240}
+MODELS=${MODELS:-$HOME/.cache/musetalk-worker/bench-models}
 LIMIT_S=${LIMIT_S:-570}
 mkdir -p "$OUT"
 
@@ -189,36 +200,95 @@ models() {
   echo "random models ready in $((SECONDS - t0)) s (a second run finds them and costs nothing)"
 }
 
-speed() {
-  local dtypes=${1:-fp16,fp32} dtype failed=() skipped=() last=0 t0
-  models
-  for dtype in ${dtypes//,/ }; do
+# paced ITEMS RUNNER: "RUNNER item" for each item of the comma list ITEMS, starting one only if,
+# at the last one's pace plus 30 %, it would end within LIMIT_S of the script's start.
+# Leaves the items not started in SKIPPED and those whose runner failed in FAILED.
+paced() {
+  local item last=0 t0
+  SKIPPED=() FAILED=()
+  for item in ${1//,/ }; do
     if [ $((SECONDS - STARTED + last * 13 / 10)) -gt "$LIMIT_S" ]; then
-      skipped+=("$dtype")
+      SKIPPED+=("$item")
       continue
     fi
     t0=$SECONDS
-    step "speed $dtype: python -m bench.speed --dtypes $dtype $SPEED_ARGS"
-    # shellcheck disable=SC2086  # SPEED_ARGS is a list of options
-    if ! "$PY" -m bench.speed --dtypes "$dtype" $SPEED_ARGS --json "$OUT/speed-$dtype.json" \
-        > "$OUT/speed-$dtype.md"; then
-      failed+=("$dtype")
-    fi
+    "$2" "$item" || FAILED+=("$item")
     last=$((SECONDS - t0))
-    # bench reads the engine's commit from git, which the device copy may lack.
-    if grep -q "unknown commit" "$OUT/speed-$dtype.md" 2>/dev/null; then
-      sed -i "s|unknown commit|$(cat "$KIT/ENGINE") (recorded by scripts/device_kit.sh)|" \
-        "$OUT/speed-$dtype.md" "$OUT/speed-$dtype.json" 2>/dev/null || true
-    fi
   done
+}
+
+# report STEP ITEMS: prints each item's table ($OUT/STEP-item.md), then fails naming what was left
+# out or failed.
+report() {
+  local step=$1 item left
   step "done"
-  for dtype in ${dtypes//,/ }; do
-    [ -s "$OUT/speed-$dtype.md" ] && cat "$OUT/speed-$dtype.md"
+  for item in ${2//,/ }; do
+    [ -s "$OUT/$step-$item.md" ] && cat "$OUT/$step-$item.md"
   done
-  local left
-  left=$(IFS=,; echo "${skipped[*]}")
-  [ ${#skipped[@]} = 0 ] || die "not started, it would not end within LIMIT_S=$LIMIT_S s: $left; run 'bash bench/on_device.sh speed $left' in another call"
-  [ ${#failed[@]} = 0 ] || die "bench.speed reported a failed configuration for: ${failed[*]} (see on_device.log)"
+  left=$(IFS=,; echo "${SKIPPED[*]}")
+  [ ${#SKIPPED[@]} = 0 ] || die "not started, it would not end within LIMIT_S=$LIMIT_S s: $left; run 'bash bench/on_device.sh $step $left' in another call"
+  [ ${#FAILED[@]} = 0 ] || die "$step failed for: ${FAILED[*]} (see on_device.log)"
+}
+
+# The tables name the engine's commit from git, which the device copy may lack.
+# shellcheck disable=SC2329  # called by the runners of paced
+name_commit() {
+  if grep -q "unknown commit" "$@" 2>/dev/null; then
+    sed -i "s|unknown commit|$(cat "$KIT/ENGINE") (recorded by scripts/device_kit.sh)|" "$@" 2>/dev/null || true
+  fi
+}
+
+# shellcheck disable=SC2329  # run through paced
+speed_one() {
+  local dtype=$1 rc=0
+  step "speed $dtype: python -m bench.speed --dtypes $dtype $SPEED_ARGS"
+  # shellcheck disable=SC2086  # SPEED_ARGS is a list of options
+  "$PY" -m bench.speed --dtypes "$dtype" $SPEED_ARGS --json "$OUT/speed-$dtype.json" > "$OUT/speed-$dtype.md" || rc=$?
+  name_commit "$OUT/speed-$dtype.md" "$OUT/speed-$dtype.json"
+  return "$rc"
+}
+
+speed() {
+  local dtypes=${1:-fp16,fp32}
+  models
+  paced "$dtypes" speed_one
+  report speed "$dtypes"
+}
+
+# shellcheck disable=SC2329  # run through paced
+side_one() {
+  local job=$1 rc=0 extra
+  case "$job" in
+    4s) extra="" ;;
+    16s) extra="--audio-seconds 16" ;;
+    cached) extra="--cached-avatar" ;;
+    4s-fp16) extra="--fp16" ;;
+    cached-fp16) extra="--cached-avatar --fp16" ;;
+    *) echo "unknown side-by-side job $job (4s, 16s, cached, 4s-fp16, cached-fp16)"; return 1 ;;
+  esac
+  local args
+  args="--upstream $STATE/upstream --models $MODELS --boxes $KIT/side/boxes.json $(cat "$KIT/side/media-args") $SIDE_ARGS $extra"
+  step "side $job: python -m bench.side_by_side $args"
+  # shellcheck disable=SC2086  # args is a list of options
+  "$PY" -m bench.side_by_side $args --json "$OUT/side-$job.json" > "$OUT/side-$job.md" || rc=$?
+  name_commit "$OUT/side-$job.md" "$OUT/side-$job.json"
+  return "$rc"
+}
+
+side() {
+  local jobs=${1:-4s,cached,16s}
+  [ -s "$KIT/side/upstream.tar.gz" ] \
+    || die "no upstream MuseTalk in .kit/side: make the kit with UPSTREAM=<a MuseTalk checkout or git directory> scripts/device_kit.sh"
+  models
+  if [ "$(cat "$STATE/upstream/KIT" 2>/dev/null)" != "$(sha256sum "$KIT/side/upstream.tar.gz" | cut -c1-16)" ]; then
+    rm -rf "$STATE/upstream"
+    mkdir -p "$STATE/upstream"
+    tar -xzf "$KIT/side/upstream.tar.gz" -C "$STATE/upstream" || die "could not unpack .kit/side/upstream.tar.gz"
+    sha256sum "$KIT/side/upstream.tar.gz" | cut -c1-16 > "$STATE/upstream/KIT"
+  fi
+  echo "upstream MuseTalk: $(cat "$KIT/side/UPSTREAM")"
+  paced "$jobs" side_one
+  report side "$jobs"
 }
 
 main() {
@@ -226,8 +296,9 @@ main() {
     setup) setup ;;
     models) models ;;
     speed) speed "${2:-}" ;;
+    side) side "${2:-}" ;;
     all) speed fp16,fp32 ;;
-    *) die "usage: bash bench/on_device.sh all | setup | models | speed [fp16,fp32]" ;;
+    *) die "usage: bash bench/on_device.sh all | setup | models | speed [fp16,fp32] | side [4s,cached,16s]" ;;
   esac
   echo "on_device.sh: ok ($((SECONDS - STARTED)) s)"
 }

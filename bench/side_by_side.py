@@ -383,7 +383,8 @@ def _run_ours_child(config: Dict[str, object], result: Path) -> int:
 
     torch.set_num_threads(int(config["threads"]))
     cache = config.get("cache_dir")
-    pipe = load_engine("musetalk", EngineConfig(Path(config["models"]), device=config["device"], landmarks="dlib",
+    pipe = load_engine("musetalk", EngineConfig(Path(config["models"]), device=config["device"],
+                                                landmarks=config.get("landmarks", "dlib"),
                                                 cache_dir=Path(cache) if cache else None))
     loaded = time.time()
     options = MuseTalkOptions(batch_size=int(config["batch_size"]), boxes=[tuple(b) for b in config["boxes"]],
@@ -600,6 +601,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="this engine's jobs ask for fp16 (bfloat16 on a CPU with it in hardware); upstream "
                              "gets --use_float16 on CUDA and stays in float32 on the CPU (its half precision is "
                              "float16, slow there), so on the CPU the table compares two precisions")
+    parser.add_argument("--landmarks", choices=("dlib", "dwpose"), default="dlib",
+                        help="the engine's face back-end: loaded (as upstream builds its DWPose), never run, the "
+                             "boxes being given; dwpose where dlib is not installed (default dlib)")
     parser.add_argument("--boxes", type=Path,
                         help="face boxes as JSON, one [x1, y1, x2, y2] per source frame: read from this file when "
                              "it exists (a machine without dlib), else found with dlib and written there")
@@ -640,7 +644,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = {"models": str(args.models.resolve()), "device": args.device, "threads": args.threads,
                   "batch_size": args.batch_size, "boxes": [list(b) for b in boxes], "video": str(video),
                   "audio": str(audio), "cache_dir": str(work / "avatar-cache") if args.cached_avatar else None,
-                  "fp16": args.fp16}
+                  "fp16": args.fp16, "landmarks": args.landmarks}
         if args.cached_avatar:
             logger.info("filling the avatar cache (untimed)")
             run_ours(config, args.device, args.threads, args.timeout)
@@ -677,7 +681,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "media": (f"{video.name} ({args.width}x{args.height}, {rate} fps, {len(boxes)} frames) and {audio.name}"
                   if not args.source else f"{video} and {audio}"),
         "boxes": (f"{len(boxes)} boxes from dlib landmarks" + (f" (kept in {args.boxes})" if args.boxes else "")
-                  + "; upstream given --use_saved_coord, the engine 'boxes'; "
+                  + f"; upstream given --use_saved_coord, the engine 'boxes' (its {args.landmarks} back-end "
+                  "loaded, unused); "
                   f"batch size {args.batch_size}" + ("; the engine from its avatar cache" if args.cached_avatar
                                                      else "")
                   + (precision if args.fp16 else "")),

