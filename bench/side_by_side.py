@@ -303,6 +303,18 @@ def upstream_argv(python: str, batch_size: int, half: bool = False) -> List[str]
     ] + (["--use_float16"] if half else [])
 
 
+def upstream_env(probe_dir: Path, run_dir: Path, report_path: Path, device: str, threads: int) -> Dict[str, str]:
+    """Upstream's environment: the probe and its code first on ``PYTHONPATH``, then the inherited path
+    (where packages are installed with ``--target``, as on a lent GPU machine)."""
+    env = _child_env(device, threads)
+    inherited = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+    env["PYTHONPATH"] = os.pathsep.join([str(probe_dir), str(run_dir)] + inherited)
+    env["SIDE_BY_SIDE_REPORT"] = str(report_path)
+    # Upstream was written for torch 2.0, whose torch.load unpickled anything (its checkpoints hold numpy arrays).
+    env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    return env
+
+
 def run_upstream(python: str, run_dir: Path, probe_dir: Path, batch_size: int, device: str, threads: int,
                  timeout_s: float, half: bool = False) -> Dict[str, object]:
     """One upstream run in a fresh process: wall time, load time, per-stage seconds, output frames.
@@ -312,11 +324,7 @@ def run_upstream(python: str, run_dir: Path, probe_dir: Path, batch_size: int, d
     shutil.rmtree(run_dir / "results", ignore_errors=True)
     report_path = run_dir / "probe-report.json"
     report_path.unlink(missing_ok=True)
-    env = _child_env(device, threads)
-    env["PYTHONPATH"] = os.pathsep.join([str(probe_dir), str(run_dir)])
-    env["SIDE_BY_SIDE_REPORT"] = str(report_path)
-    # Upstream was written for torch 2.0, whose torch.load unpickled anything (its checkpoints hold numpy arrays).
-    env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    env = upstream_env(probe_dir, run_dir, report_path, device, threads)
     started = time.time()
     done = subprocess.run(upstream_argv(python, batch_size, half), cwd=run_dir, env=env, capture_output=True, text=True,
                           check=False, timeout=timeout_s)

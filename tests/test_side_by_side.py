@@ -158,6 +158,15 @@ def test_kept_boxes_that_do_not_fit_the_media_are_refused(tmp_path, boxes, says)
         side_by_side.saved_boxes(kept, video)
 
 
+def test_upstream_finds_the_probe_its_code_and_then_the_inherited_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONPATH", "/kit/site")
+    env = side_by_side.upstream_env(tmp_path / "probe", tmp_path / "run", tmp_path / "r.json", "cpu", 2)
+    assert env["PYTHONPATH"].split(":") == [str(tmp_path / "probe"), str(tmp_path / "run"), "/kit/site"]
+    monkeypatch.delenv("PYTHONPATH")
+    env = side_by_side.upstream_env(tmp_path / "probe", tmp_path / "run", tmp_path / "r.json", "cpu", 2)
+    assert env["PYTHONPATH"].split(":") == [str(tmp_path / "probe"), str(tmp_path / "run")]
+
+
 def test_upstream_runs_in_its_own_half_precision_only_when_asked():
     assert "--use_float16" not in side_by_side.upstream_argv("python", 8)
     assert side_by_side.upstream_argv("python", 8, half=True)[-1] == "--use_float16"
