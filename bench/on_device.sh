@@ -14,11 +14,15 @@
 #                                          table per job: 4s (speech as long as the source), 16s
 #                                          (4x), cached (avatar cache), 4s-fp16, cached-fp16 (both
 #                                          sides in half precision); default 4s,cached,16s
+#   bash bench/on_device.sh cold           setup + models + scripts/measure_cold_start.py: the
+#                                          worker (handler.py --rp_serve_api) from process start
+#                                          to ready, then test_input.json's job, on the random
+#                                          real-size models (needs a kit made with WORKER=1)
 #
 # Each step does the ones before it that this machine has not done yet (a machine goes
 # back 30 s after a call, and a fresh one is bare), so any step works as the first call.
 # Every output lands in $OUT (the tool brings it back): on_device.log (everything),
-# versions.txt, speed-<dtype>.md/.json, side-<job>.md/.json. Exits non-zero on any failure,
+# versions.txt, speed-<dtype>.md/.json, side-<job>.md/.json, cold.jsonl. Exits non-zero on any failure,
 # with the reason as the last line.
 #
 # Settings (environment), the defaults being the issue's configuration:
@@ -29,6 +33,9 @@
 #   SIDE_ARGS    bench.side_by_side options besides the media (.kit/side/media-args), models,
 #                boxes and the job's own (default: --device cuda --runs 2 --landmarks dwpose
 #                --timeout 240)
+#   COLD_ARGS    scripts/measure_cold_start.py options besides the models (default: --device cuda
+#                --landmarks dwpose --local-input-dir examples --job test_input.json --runs 3;
+#                --drop-caches is added where /proc/sys/vm/drop_caches can be written)
 #   MODELS       the models folder both sides get (default bench.random_models' folder)
 #   LIMIT_S      start the next dtype or job only if, at the pace of the last one (+30 %), it
 #                ends within this many seconds of the start (default 570: a call is cut
@@ -49,6 +56,7 @@ OUT=${OUT:-/tmp/musetalk-bench-out}
 SPEED_ARGS=${SPEED_ARGS:---device cuda --width 704 --height 1216 --seconds 10 --fps 25 --batch-sizes 8,16,32 --landmarks dwpose --repeat-with-cache --timeout 240}
 MODELS_ARGS=${MODELS_ARGS:---with-dwpose}
 SIDE_ARGS=${SIDE_ARGS:---device cuda --runs 2 --landmarks dwpose --timeout 240}
+COLD_ARGS=${COLD_ARGS:---device cuda --landmarks dwpose --local-input-dir examples --job test_input.json --runs 3}
 MODELS=${MODELS:-$HOME/.cache/musetalk-worker/bench-models}
 LIMIT_S=${LIMIT_S:-570}
 mkdir -p "$OUT"
@@ -291,14 +299,30 @@ side() {
   report side "$jobs"
 }
 
+cold() {
+  "$PY" -c 'import runpod, fastapi, uvicorn, boto3, tenacity' 2>/dev/null \
+    || die "the worker's packages (runpod, fastapi, uvicorn, boto3, tenacity) are not here: make the kit with WORKER=1 scripts/device_kit.sh"
+  models
+  local args=$COLD_ARGS
+  [ -w /proc/sys/vm/drop_caches ] && args="$args --drop-caches"
+  step "cold: python scripts/measure_cold_start.py --models-dir $MODELS $args"
+  # The weights lock describes the real weights; these are random ones.
+  # shellcheck disable=SC2086  # args is a list of options
+  MUSETALK_WEIGHTS_LOCK=none "$PY" scripts/measure_cold_start.py --models-dir "$MODELS" $args > "$OUT/cold.jsonl" \
+    || die "measure_cold_start.py failed (see on_device.log)"
+  step "done"
+  cat "$OUT/cold.jsonl"
+}
+
 main() {
   case "${1:-}" in
     setup) setup ;;
     models) models ;;
     speed) speed "${2:-}" ;;
     side) side "${2:-}" ;;
+    cold) cold ;;
     all) speed fp16,fp32 ;;
-    *) die "usage: bash bench/on_device.sh all | setup | models | speed [fp16,fp32] | side [4s,cached,16s]" ;;
+    *) die "usage: bash bench/on_device.sh all | setup | models | speed [fp16,fp32] | side [4s,cached,16s] | cold" ;;
   esac
   echo "on_device.sh: ok ($((SECONDS - STARTED)) s)"
 }

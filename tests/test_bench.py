@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,20 @@ def test_images_per_call_counts_each_networks_arithmetic_per_image(tiny_models):
     # 2 GFLOP in 50 ms is 40 GFLOP/s: half of the bfloat16 matrix product's 80, a tenth of the float32 one's 400.
     assert "| VAE decode | 100.0 | **50.0** | 2.00 | 40 | 50% | — |" in table
     assert "| face parsing (512x512) | **50.0** | 60.0 | 2.00 | 40 | 10% | — |" in table
+
+
+def test_measure_cold_start_starts_the_worker_and_times_a_job(tiny_models, tmp_path):
+    """What ``bench/on_device.sh cold`` runs: the real handler.py served over HTTP, started and timed, one job."""
+    env = {**os.environ, "MUSETALK_WEIGHTS_LOCK": "none", "MUSETALK_OUTPUT_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "scripts/measure_cold_start.py", "--models-dir", str(tiny_models), "--device", "cpu",
+         "--landmarks", "dlib", "--local-input-dir", "examples", "--job", "test_input.json", "--runs", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run, summary = (json.loads(line) for line in done.stdout.splitlines())
+    assert run["ready_s"] > run["models_load_s"] > 0 and run["first_job_s"] > 0
+    assert summary["runs"] == 1 and summary["ready_s_median"] == run["ready_s"]
+    assert summary["ready_and_first_job_s_median"] == round(run["ready_s"] + run["first_job_s"], 2)
+    assert summary["page_cache"] == "as found" and summary["device"].startswith("CPU")
+    assert [p.suffix for p in tmp_path.iterdir()] == [".mp4"], "the job's video, written where it was told"
