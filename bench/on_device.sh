@@ -300,9 +300,11 @@ side() {
 }
 
 cold() {
-  "$PY" -c 'import runpod, fastapi, uvicorn, boto3, tenacity' 2>/dev/null \
-    || die "the worker's packages (runpod, fastapi, uvicorn, boto3, tenacity) are not here: make the kit with WORKER=1 scripts/device_kit.sh"
+  compgen -G "$KIT/wheels/runpod-*.whl" >/dev/null \
+    || die "the kit has no runpod (the image lacks the worker's own packages): make it with WORKER=1 scripts/device_kit.sh"
   models
+  "$PY" -c 'import runpod, fastapi, uvicorn, boto3, tenacity; print("worker packages: runpod", runpod.__version__)' \
+    || die "the worker's packages do not import (above)"
   local args=$COLD_ARGS
   [ -w /proc/sys/vm/drop_caches ] && args="$args --drop-caches"
   step "cold: python scripts/measure_cold_start.py --models-dir $MODELS $args"
