@@ -254,8 +254,13 @@ def _add_detector_weights(run_dir: Path) -> None:
     random_models._write_s3fd(aux, 0)
     random_models._write_dwpose(aux, 0)
     portable = _portable_checkpoint(aux / DWPOSE_WEIGHTS)
-    (run_dir / "models" / "dwpose").mkdir(exist_ok=True)
-    (run_dir / "models" / "dwpose" / DWPOSE_WEIGHTS.name).symlink_to(portable)
+    dwpose = run_dir / "models" / "dwpose"
+    if dwpose.is_symlink():
+        # The models folder has its own dwpose/ (built --with-dwpose): a folder of the run's instead,
+        # so that nothing is written into the user's models.
+        dwpose.unlink()
+    dwpose.mkdir(exist_ok=True)
+    (dwpose / DWPOSE_WEIGHTS.name).symlink_to(portable)
     sfd = run_dir / "musetalk" / "utils" / "face_detection" / "detection" / "sfd"
     if sfd.is_dir():
         (sfd / "s3fd.pth").symlink_to(aux / S3FD_WEIGHTS)

@@ -350,3 +350,40 @@ def test_a_portable_checkpoint_keeps_the_tensors_and_drops_numpy_from_its_metada
     loaded = torch.load(portable, weights_only=True)
     assert torch.equal(loaded["state_dict"]["w"], weights["w"])
     assert loaded["meta"]["dataset_meta"] == {"sigmas": [0.5, 0.25], "pairs": [(0, 1)], "name": "coco"}
+
+
+def test_upstream_gets_its_detectors_without_touching_a_models_folder_with_dwpose(fake_upstream, tmp_path,
+                                                                                monkeypatch):
+    """A models folder built ``--with-dwpose`` (as on the lent GPU) has its own ``dwpose/``: it stays as it was."""
+    import torch
+
+    from bench import random_models
+    from musetalk_worker.faces import DWPOSE_WEIGHTS, S3FD_WEIGHTS
+
+    def small_checkpoint(name):
+        def write(dest, seed):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": {"w": torch.full((2,), float(seed))}, "meta": {}}, dest / name)
+        return write
+
+    # The real-size random S3FD and DWPose take 200 MB; their size is not what is tested here.
+    monkeypatch.setattr(random_models, "_write_s3fd", small_checkpoint(S3FD_WEIGHTS))
+    monkeypatch.setattr(random_models, "_write_dwpose", small_checkpoint(DWPOSE_WEIGHTS))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (fake_upstream / "musetalk" / "utils" / "preprocessing.py").write_text("model = init_model(config, ckpt)\n")
+    sfd = fake_upstream / "musetalk" / "utils" / "face_detection" / "detection" / "sfd"
+    sfd.mkdir(parents=True)
+    models = tmp_path / "models"
+    (models / "dwpose").mkdir(parents=True)
+    (models / DWPOSE_WEIGHTS).write_bytes(b"the engine's DWPose")
+    video, audio = tmp_path / "source.mp4", tmp_path / "speech.wav"
+    video.write_bytes(b"video")
+    audio.write_bytes(b"audio")
+
+    run_dir = side_by_side.prepare_upstream(fake_upstream, models, tmp_path / "work", video, audio, [(0, 0, 4, 4)])
+    assert sorted(p.name for p in (models / "dwpose").iterdir()) == [DWPOSE_WEIGHTS.name]
+    assert (models / DWPOSE_WEIGHTS).read_bytes() == b"the engine's DWPose"
+    linked = run_dir / "models" / "dwpose" / DWPOSE_WEIGHTS.name
+    assert not linked.parent.is_symlink() and linked.resolve().name == "dw-ll_ucoco_384.portable.pth"
+    assert torch.load(linked, weights_only=True)["state_dict"]["w"].tolist() == [0.0, 0.0]
+    assert (run_dir / "musetalk" / "utils" / "face_detection" / "detection" / "sfd" / "s3fd.pth").resolve().is_file()
