@@ -130,7 +130,8 @@ if missing:
 EOF
 ) || die "could not read the worker's package versions from $PROJECT_PY (the project's venv: scripts/setup.sh)"
   echo "downloading ${#WORKER_PACKAGES[@]} cp312 wheels of the worker's own packages (WORKER=1)"
-  raw=$(mktemp -d)
+  raw=$NEW/worker-download  # under $NEW: the EXIT trap removes it if a step fails
+  mkdir "$raw"
   # shellcheck disable=SC2086  # pins is a list of requirements
   quiet "$PY" -m pip download -q --no-deps --only-binary=:all: "${PLATFORMS[@]}" --platform manylinux_2_26_x86_64 \
     --platform manylinux_2_12_x86_64 --platform manylinux_2_5_x86_64 -d "$raw" $pins \
@@ -232,7 +233,8 @@ fi
 cp "$FF" "$NEW/ffmpeg.tar.xz"
 # Check the packed binaries: they run, have libx264 and aac, take the options the engine
 # passes (-fps_mode), encode H.264 + AAC, and ffprobe reads the result.
-check=$(mktemp -d)
+check=$NEW/ffmpeg-check  # under $NEW, like every scratch folder here: removed by the EXIT trap on failure
+mkdir "$check"
 xz -dc "$NEW/ffmpeg.tar.xz" | tar -x -C "$check"
 ff() { "$check/ffmpeg" -nostdin -v error -y "$@"; }
 ff -f lavfi -i testsrc=size=176x144:rate=25 -f lavfi -i sine=frequency=440:sample_rate=16000 -t 1 \
@@ -281,7 +283,8 @@ echo "side by side: $(grep -o '\],' "$NEW/side/boxes.json" | wc -l | awk '{ prin
 
 # --- checks: the device's install command works for 3.12, the compiled wheels import, and
 # --- every requirement of every wheel is in the kit or on the device's image ----------------
-target=$(mktemp -d)
+target=$NEW/install-check
+mkdir "$target"
 quiet "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$target" "$NEW"/wheels/*.whl \
   || die "the device's install command failed here"
 PYTHONPATH=$target "$PY" -c '
